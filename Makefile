@@ -1,0 +1,49 @@
+# nemo_dft: `make demo` trains DFT on the embedded tiny task; `make test` runs the test suite.
+# Both create the training environment in .venv/ on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.installed
+PIP_QUIET := -q
+# pip prints a warning for each absent local index directory; keep the install log readable.
+PIP_FILTER := grep -v "is neither a file nor a directory" || true
+
+.PHONY: env demo test lint clean help
+
+help:
+	@echo "make demo   DFT training on the embedded tiny task (CPU, minutes)"
+	@echo "make test   the test suite"
+	@echo "make env    only create $(VENV)/"
+	@echo "make lint   ruff"
+
+env: $(STAMP)
+
+# torch first, so that a CPU machine takes its CPU wheel; then NeMo under constraints; then
+# nemo_run without its conflicting dependency set (see requirements/nemo-run.txt).
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/nemo-run.txt requirements/nemo-run-deps.txt
+	@start=$$(date +%s); \
+	set -e; \
+	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	($(PIP) install $(PIP_QUIET) "torch==2.13.0" 2>&1) | $(PIP_FILTER); \
+	($(PIP) install $(PIP_QUIET) -c requirements/constraints.txt -e ".[dev]" 2>&1) | $(PIP_FILTER); \
+	($(PIP) install $(PIP_QUIET) --no-deps -r requirements/nemo-run.txt 2>&1) | $(PIP_FILTER); \
+	($(PIP) install $(PIP_QUIET) -c requirements/constraints.txt -r requirements/nemo-run-deps.txt 2>&1) | $(PIP_FILTER); \
+	$(PY) -c "import torch, nemo.collections.llm, megatron.core; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)" 2>&1 | tail -n 1; \
+	echo "environment ready in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"; \
+	touch $@
+
+demo: $(STAMP)
+	$(PY) scripts/train_dft.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build runs
+
+-include mk/*.mk

@@ -1,0 +1,62 @@
+"""Training callbacks: one JSON line of metrics per optimizer step."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from megatron.core import parallel_state
+
+METRIC_KEYS = ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "rank_acc", "tokens")
+
+
+def metrics_from_last_stage(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """The last pipeline stage computes the loss; send its numbers to the stage's other ranks."""
+    vector = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            vector,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return dict(zip(keys, vector.tolist(), strict=True))
+
+
+class MetricsJsonl(pl.Callback):
+    """Appends ``{"step", "loss", "lr", "grad_norm", ..., "tokens_per_s"}`` per step to a file.
+
+    Every rank takes part in the pipeline broadcast; global rank 0 writes.  The file is opened
+    in append mode so a resumed run continues it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._last_time: float | None = None
+        self.history: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._last_time is None:
+            self._last_time = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - (self._last_time or now), 1e-9)
+        self._last_time = now
+        values = metrics_from_last_stage(pl_module.last_train_metrics, METRIC_KEYS)
+        grad_norm = trainer.callback_metrics.get("grad_norm")
+        record = {
+            "step": int(trainer.global_step),
+            **{k: values[k] for k in METRIC_KEYS if k != "tokens"},
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": values["tokens"] / elapsed,
+        }
+        self.history.append(record)
+        pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
+        if trainer.global_rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")

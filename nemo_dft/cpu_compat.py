@@ -1,0 +1,147 @@
+"""Compatibility shim that lets NeMo 2.7 / megatron-core 0.15 train on CPU-only machines (gloo).
+
+Both libraries are CUDA-first: they allocate with ``device=torch.cuda.current_device()`` or a
+literal ``device="cuda"``, seed a CUDA RNG tracker, open CUDA streams and compare tensor type
+names against ``torch.cuda.FloatTensor``.  :func:`enable_cpu_compat` redirects all of these to the
+CPU.  It is only ever applied when no GPU is present (see :func:`maybe_enable_cpu_compat`); GPU
+runs never import anything from here.  The failure sites it covers are listed in
+``shared/reference/cpu-notes/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+_enabled = False
+_function_mode: torch.overrides.TorchFunctionMode | None = None
+
+
+def _is_cuda_device(device: object) -> bool:
+    # Module-level function, not a method: dynamo cannot guard on a staticmethod of an active mode.
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Rewrites CUDA placements to CPU inside every torch call.
+
+    Covers ``device="cuda"`` keyword arguments, ``Tensor.cuda()``, ``Tensor.to("cuda")`` and
+    ``pin_memory=True``, and reports CPU tensors' ``type()`` as ``torch.cuda.*`` so that the
+    optimizer's and gradient clipping's type assertions hold.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def _patch_torch_cuda() -> None:
+    """Make the torch.cuda calls used for placement and ordering harmless on CPU."""
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
+    torch.cuda.max_memory_reserved = lambda *args, **kwargs: 0
+    torch.cuda.Stream = lambda *args, **kwargs: None
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+def _patch_rng_tracker() -> None:
+    """Keep megatron's model-parallel RNG states on the CPU generator."""
+    import megatron.core.tensor_parallel.random as mp_random
+
+    tracker_cls = mp_random.CudaRNGStatesTracker
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+    tracker_cls.add = add
+    tracker_cls.fork = fork
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    seed_model_parallel = mp_random.model_parallel_cuda_manual_seed
+
+    def model_parallel_cuda_manual_seed(seed: int, *args, **kwargs):
+        torch.manual_seed(seed)  # torch.cuda.manual_seed is a silent no-op on a CPU build
+        return seed_model_parallel(seed, *args, **kwargs)
+
+    mp_random.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
+    import megatron.core.tensor_parallel as tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed = model_parallel_cuda_manual_seed
+
+
+def _patch_nemo() -> None:
+    """NeMo-specific CUDA assumptions: checkpoint device fix-up and model-parallel seeding."""
+    import megatron.core.tensor_parallel.random as mp_random
+    import nemo.lightning.io.pl as nemo_io_pl
+    import nemo.lightning.megatron_init as megatron_init
+    from megatron.core.parallel_state import get_pipeline_model_parallel_rank
+
+    nemo_io_pl._fix_tensors_device = lambda checkpoint: checkpoint
+    seed_all = megatron_init._set_random_seed
+
+    def _set_random_seed(seed: int) -> None:
+        seed_all(seed)  # skips the model-parallel RNG tracker when torch sees no GPU
+        mp_random.model_parallel_cuda_manual_seed(seed + 100 * get_pipeline_model_parallel_rank())
+
+    megatron_init._set_random_seed = _set_random_seed
+
+
+def enable_cpu_compat() -> None:
+    """Apply every CPU patch once in this process (idempotent)."""
+    global _enabled, _function_mode
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the CPU compatibility shim must not be enabled on a machine with a GPU")
+    _patch_torch_cuda()
+    _patch_rng_tracker()
+    _patch_nemo()
+    _function_mode = CudaToCpuMode()
+    _function_mode.__enter__()  # stays active for the life of the process (thread-local)
+    _enabled = True
+
+
+def maybe_enable_cpu_compat() -> bool:
+    """Enable the shim when this machine has no GPU; return whether it is active."""
+    if torch.cuda.is_available():
+        return False
+    enable_cpu_compat()
+    return True

@@ -1,0 +1,120 @@
+"""The 1-to-m training set as a map-style dataset of whole groups, unrolled over epochs.
+
+Item ``j`` is example ``order_e[j mod N]`` of epoch ``e = j // N``: one positive and the m
+negatives that epoch uses (``e*m .. e*m+m-1`` with per-epoch negatives, else ``0..m-1``).  The
+unrolled view makes the epoch, the shuffle and the negative block pure functions of the number
+of consumed samples, which is what Megatron's samplers count and checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nemo_dft.data.rows import ID_COLUMN, POSITIVE_COLUMN, negative_column, validate_dft_rows
+from nemo_dft.data.tokenize import ChatTokenizer, TokenizedPair, render, tokenize_pair, truncate_group
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """How rows become groups of token sequences."""
+
+    num_negatives: int
+    max_length: int
+    max_prompt_length: int
+    num_epochs: int = 1
+    per_epoch_negatives: bool = True
+    shuffle: bool = True
+    seed: int = 1234
+    add_bos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_negatives < 1:
+            raise ValueError(f"dft.num_negatives must be >= 1, got {self.num_negatives}")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be > 0 and below "
+                f"data.max_length ({self.max_length})"
+            )
+        if self.num_epochs < 1:
+            raise ValueError(f"data.num_epochs must be >= 1, got {self.num_epochs}")
+
+    @property
+    def negatives_needed(self) -> int:
+        return self.num_negatives * (self.num_epochs if self.per_epoch_negatives else 1)
+
+    def negative_columns(self, epoch: int) -> list[int]:
+        first = epoch * self.num_negatives if self.per_epoch_negatives else 0
+        return list(range(first, first + self.num_negatives))
+
+
+class DFTGroupDataset(torch.utils.data.Dataset):
+    """Validated, tokenized groups; ``len`` is examples x epochs."""
+
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        tokenizer: ChatTokenizer,
+        settings: GroupSettings,
+        source: str,
+    ) -> None:
+        validate_dft_rows(rows, source, settings.negatives_needed)
+        self.settings = settings
+        self.source = source
+        self.example_ids: list[Any] = [row.get(ID_COLUMN, i) for i, row in enumerate(rows)]
+        columns = [POSITIVE_COLUMN] + [negative_column(k) for k in range(settings.negatives_needed)]
+        self._pairs: list[dict[str, TokenizedPair]] = []
+        for index, row in enumerate(tqdm(rows, desc=f"tokenizing {source}", disable=len(rows) < 5000)):
+            encoded: dict[str, TokenizedPair] = {}
+            for column in columns:
+                try:
+                    prompt, response = render(tokenizer, row[column])
+                except Exception as err:  # the template's own error, with the row named
+                    raise ValueError(
+                        f"{source}: row {index} (id={self.example_ids[index]!r}), column '{column}': "
+                        f"chat template failed: {err}"
+                    ) from err
+                encoded[column] = tokenize_pair(tokenizer, prompt, response, settings.add_bos)
+            self._pairs.append(encoded)
+        generator = torch.Generator().manual_seed(settings.seed)
+        self._orders = [
+            torch.randperm(len(rows), generator=generator).tolist() if settings.shuffle else list(range(len(rows)))
+            for _ in range(settings.num_epochs)
+        ]
+        truncated = sum(self.group(j)["truncated"] for j in range(len(self)))
+        if truncated:
+            logger.warning(
+                "%s: %d of %d groups exceed data.max_length=%d and were truncated (prompt kept to its "
+                "last data.max_prompt_length=%d tokens, then responses cut)",
+                source, truncated, len(self), settings.max_length, settings.max_prompt_length,
+            )
+        self.num_truncated = truncated
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._pairs)
+
+    def __len__(self) -> int:
+        return self.num_examples * self.settings.num_epochs
+
+    def locate(self, item: int) -> tuple[int, int]:
+        """(epoch, example index) of unrolled item ``item``."""
+        epoch, position = divmod(item, self.num_examples)
+        return epoch, self._orders[epoch][position]
+
+    def group(self, item: int) -> dict[str, Any]:
+        epoch, index = self.locate(item)
+        columns = [POSITIVE_COLUMN] + [negative_column(k) for k in self.settings.negative_columns(epoch)]
+        grouped = truncate_group(
+            [self._pairs[index][c] for c in columns], self.settings.max_length, self.settings.max_prompt_length
+        )
+        return {"index": index, "epoch": epoch, "pairs": grouped.pairs, "truncated": grouped.truncated}
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.group(item)

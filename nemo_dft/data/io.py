@@ -1,0 +1,92 @@
+"""Reading and writing tabular datasets: JSONL, Parquet and saved HF ``datasets`` directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class DataFormatError(ValueError):
+    """A dataset file cannot be read; the message names the file and, where known, the row."""
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{line_number}: invalid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_parquet(paths: list[Path]) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def _is_saved_hf_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "state.json").exists()
+
+
+def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of a JSONL file, a Parquet file or directory, or a saved HF dataset, in order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if _is_saved_hf_dataset(path):
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                raise DataFormatError(
+                    f"{path}: a DatasetDict with splits {sorted(loaded)}; point at one split's directory"
+                )
+            return loaded.to_list()
+        parquet_files = sorted(path.glob("*.parquet"))
+        if parquet_files:
+            return _read_parquet(parquet_files)
+        raise DataFormatError(f"{path}: directory holds neither a saved HF dataset nor *.parquet files")
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".json"}:
+        return _read_jsonl(path)
+    if suffix == ".parquet":
+        return _read_parquet([path])
+    raise DataFormatError(f"{path}: unsupported extension {suffix!r} (expected .jsonl, .json or .parquet)")
+
+
+def write_parquet_atomic(
+    rows: list[dict[str, Any]], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """Write rows as one Parquet file via a temporary name and a rename, so readers never see
+    a partial file.  ``metadata`` goes into the file's schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,78 @@
+"""Validation of 1-to-m rows: ``real`` plus ``generated_0..K-1`` chats sharing one prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+POSITIVE_COLUMN = "real"
+ID_COLUMN = "id"
+
+
+def negative_column(k: int) -> str:
+    return f"generated_{k}"
+
+
+class RowError(ValueError):
+    """A row violates the 1-to-m layout; the message names the source, row, id and column."""
+
+    def __init__(self, source: str, index: int, row_id: Any, column: str, reason: str) -> None:
+        super().__init__(f"{source}: row {index} (id={row_id!r}), column '{column}': {reason}")
+        self.index, self.column = index, column
+
+
+def _check_chat(chat: Any) -> str | None:
+    """Return why ``chat`` is not a usable [..., assistant] conversation, or None."""
+    if not isinstance(chat, list) or not chat:
+        return f"expected a non-empty list of messages, got {type(chat).__name__}"
+    for turn, message in enumerate(chat):
+        if not isinstance(message, dict):
+            return f"message {turn} is a {type(message).__name__}, not a dict"
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                return f"message {turn} has no string '{key}'"
+    if chat[-1]["role"] != "assistant":
+        return f"the last message must have role 'assistant', got '{chat[-1]['role']}'"
+    if len(chat) < 2:
+        return "needs at least one prompt message before the assistant answer"
+    return None
+
+
+def count_negatives(row: dict[str, Any]) -> int:
+    """Number of consecutive ``generated_k`` columns present, starting at k = 0."""
+    k = 0
+    while negative_column(k) in row and row[negative_column(k)] is not None:
+        k += 1
+    return k
+
+
+def validate_dft_rows(rows: list[dict[str, Any]], source: str, min_negatives: int) -> None:
+    """Raise :class:`RowError` for the first row that the trainer cannot use.
+
+    Checks: unique ids (when an ``id`` column is present), a well-formed ``real`` chat, at least
+    ``min_negatives`` negative columns, each a well-formed chat with the same prompt as ``real``.
+    """
+    if not rows:
+        raise ValueError(f"{source}: the dataset has no rows")
+    seen_ids: dict[Any, int] = {}
+    for index, row in enumerate(rows):
+        row_id = row.get(ID_COLUMN, index)
+        if row_id in seen_ids:
+            raise RowError(source, index, row_id, ID_COLUMN, f"duplicate id, first seen at row {seen_ids[row_id]}")
+        seen_ids[row_id] = index
+        reason = _check_chat(row.get(POSITIVE_COLUMN))
+        if reason:
+            raise RowError(source, index, row_id, POSITIVE_COLUMN, reason)
+        prompt = row[POSITIVE_COLUMN][:-1]
+        available = count_negatives(row)
+        if available < min_negatives:
+            raise RowError(
+                source, index, row_id, negative_column(available),
+                f"missing: {min_negatives} negatives are needed (num_negatives x epochs), found {available}",
+            )
+        for k in range(min_negatives):
+            column = negative_column(k)
+            reason = _check_chat(row[column])
+            if reason is None and row[column][:-1] != prompt:
+                reason = "its prompt differs from the prompt of 'real'"
+            if reason:
+                raise RowError(source, index, row_id, column, reason)

@@ -1,0 +1,41 @@
+"""Per-token and per-sequence log-probabilities from (vocab-parallel) Megatron logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """log p(label_t | prefix) for every position, computed in fp32 across vocab shards.
+
+    Args:
+        logits: [b, s, v / tp] this rank's vocabulary shard (any float dtype).
+        labels: [b, s] target token ids (global vocabulary ids).
+        inplace: megatron's ``vocab_parallel_cross_entropy`` overwrites an fp32 input with the
+            softmax (and later its gradient).  Pass True only when the caller never reads
+            ``logits`` again; otherwise an fp32 input is cloned first.  Lower-precision input
+            is always upcast to a new fp32 tensor, so it is never modified.
+
+    Returns:
+        [b, s] fp32 log-probs, differentiable with respect to ``logits``.
+    """
+    from megatron.core import tensor_parallel
+
+    if logits.dtype == torch.float32 and not inplace:
+        logits = logits.clone()
+    else:
+        logits = logits.float()
+    # Position-wise over the last dimension, so [b, s, v] works as well as megatron's [s, b, v].
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.contiguous(), labels)
+
+
+def sequence_logps(token_logp: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs, number of response tokens) per row, both [b]."""
+    mask = loss_mask.to(token_logp.dtype)
+    return (token_logp * mask).sum(dim=-1), mask.sum(dim=-1)
+
+
+def split_groups(per_row: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows laid out as [pos, neg_1..neg_m] per group -> ([B] positives, [B, m] negatives)."""
+    grouped = per_row.view(-1, group_size)
+    return grouped[:, 0], grouped[:, 1:]

@@ -1,0 +1,210 @@
+"""``DFTModel``: a NeMo 2 ``llm.GPTModel`` trained with the DFT objective.
+
+Everything architecture-specific stays in NeMo's GPT config (GPT, Llama, Mistral, ...); this
+subclass only replaces the data step, the forward step and the loss reductions, and owns the u
+table and the optional frozen reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from nemo.collections import llm
+
+from nemo_dft.logprobs import token_logps
+from nemo_dft.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
+from nemo_dft.u_table import UTable
+
+
+def dft_data_step(dataloader_iter) -> dict[str, torch.Tensor]:
+    """Next micro-batch, moved to the GPU when there is one (NeMo's own step always calls .cuda())."""
+    batch = next(dataloader_iter)
+    if isinstance(batch, tuple):  # NeMo's iterators may yield (batch, batch_idx, dataloader_idx)
+        batch = batch[0]
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+class DFTModel(llm.GPTModel):
+    """GPT-family model whose training step is DFT (reference-based) or DFT2 (reference-free)."""
+
+    def __init__(
+        self,
+        config: llm.GPTConfig,
+        dft: DFTHyperParameters,
+        num_train_examples: int,
+        u_init: float = 0.0,
+        reference_dir: str | None = None,
+        optim=None,
+        tokenizer=None,
+        model_transform=None,
+    ) -> None:
+        super().__init__(config, optim=optim, tokenizer=tokenizer, model_transform=model_transform)
+        self.dft = dft
+        self.u_table = UTable(num_train_examples, u_init)
+        self.reference_dir = reference_dir
+        self._reference: list[torch.nn.Module] = []  # a list keeps it out of parameters() and the optimizer
+        self.last_train_metrics: dict[str, float] = {}
+        self.eval_totals: torch.Tensor | None = None
+        self.eval_results: list[dict[str, float]] = []
+
+    # ---- NeMo 2 extension points -------------------------------------------------------------
+    def data_step(self, dataloader_iter) -> dict[str, torch.Tensor]:
+        return dft_data_step(dataloader_iter)
+
+    def forward_step(self, batch: dict[str, torch.Tensor], with_reference: bool = False) -> torch.Tensor:
+        output = self(
+            input_ids=batch["tokens"],
+            position_ids=batch["position_ids"],
+            attention_mask=batch.get("attention_mask"),
+        )
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=self._vp_stage()):
+            return output  # hidden states for the next pipeline stage
+        if with_reference:
+            batch["ref_token_logps"] = self.reference_token_logps(batch)
+        return token_logps(output, batch["labels"], inplace=True)
+
+    def training_step(self, batch, batch_idx=None) -> torch.Tensor:
+        return self.forward_step(batch, with_reference=not self.dft.ref_free)
+
+    def validation_step(self, batch, batch_idx=None) -> torch.Tensor:
+        return self.forward_step(batch, with_reference=False)
+
+    @property
+    def training_loss_reduction(self) -> DFTLossReduction:
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = _TrainingReduction(self)
+        return self._training_loss_reduction
+
+    @property
+    def validation_loss_reduction(self) -> DFTLossReduction:
+        if not self._validation_loss_reduction:
+            self._validation_loss_reduction = _EvaluationReduction(self)
+        return self._validation_loss_reduction
+
+    def _vp_stage(self) -> int | None:
+        return getattr(self.module, "vp_stage", None) if hasattr(self, "module") else None
+
+    # ---- frozen reference ---------------------------------------------------------------------
+    def reference_token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self._reference:
+            raise RuntimeError("reference-based DFT needs the frozen reference; call setup_reference() first")
+        with torch.no_grad():
+            logits = self._reference[0](batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            return token_logps(logits, batch["labels"], inplace=True)
+
+    def setup_reference(self) -> None:
+        """Build the frozen copy of the initial weights on this rank's shard.
+
+        On a fresh run the copy is taken from the policy and saved under ``reference_dir``; a
+        resumed run loads that file, because its policy weights are no longer the initial ones.
+        """
+        if self.dft.ref_free or self._reference:
+            return
+        from megatron.core.utils import unwrap_model
+
+        policy = unwrap_model(self.module)
+        config = copy.copy(self.config)
+        config.perform_initialization = False  # weights are overwritten below; keep the RNG untouched
+        reference = config.configure_model(
+            self.tokenizer, pre_process=policy.pre_process, post_process=policy.post_process
+        )
+        path = self._reference_file()
+        if path is not None and path.exists() and self.trainer.global_step > 0:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        elif self.trainer.global_step > 0:
+            raise RuntimeError(
+                "resuming reference-based DFT needs the saved initial weights "
+                f"({path}); they are written on the first start of a run"
+            )
+        else:
+            state = {k: v.detach().clone() for k, v in policy.state_dict().items() if v is not None}
+            if path is not None:
+                _atomic_torch_save(state, path)
+        reference.load_state_dict(state, strict=False)
+        reference.to(next(policy.parameters()).device).eval().requires_grad_(False)
+        self._reference.append(reference)
+
+    def _reference_file(self) -> Path | None:
+        if self.reference_dir is None:
+            return None
+        tp = parallel_state.get_tensor_model_parallel_rank()
+        pp = parallel_state.get_pipeline_model_parallel_rank()
+        return Path(self.reference_dir) / f"initial_weights_tp{tp}_pp{pp}.pt"
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.setup_reference()
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_totals = None
+
+    def on_validation_epoch_end(self) -> None:
+        totals = self.eval_totals
+        if totals is None:
+            return
+        result = {k: float(v) for k, v in summarize(totals).items()}
+        result["step"] = int(self.trainer.global_step)
+        self.eval_results.append(result)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _sync_u_table_across_pipeline(self.u_table)
+        checkpoint["dft_u_table"] = self.u_table.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "dft_u_table" in checkpoint:
+            self.u_table.load_state_dict(checkpoint["dft_u_table"])
+
+
+class _TrainingReduction(DFTLossReduction):
+    def __init__(self, model: DFTModel) -> None:
+        super().__init__(model.dft, model.u_table, evaluation=False)
+        self._model = [model]
+
+    def reduce(self, losses_reduced_per_micro_batch):
+        reduced = super().reduce(losses_reduced_per_micro_batch)
+        self._model[0].last_train_metrics = {k: float(v) for k, v in reduced.items()}
+        return reduced
+
+
+class _EvaluationReduction(DFTLossReduction):
+    """Accumulates ranking statistics over the whole held-out pass; returns -mean pos log-prob."""
+
+    def __init__(self, model: DFTModel) -> None:
+        super().__init__(model.dft, None, evaluation=True)
+        self._model = [model]
+
+    def reduce(self, losses_reduced_per_micro_batch):
+        if not losses_reduced_per_micro_batch:
+            return torch.tensor(0.0)
+        totals = torch.stack([m["stats"] for m in losses_reduced_per_micro_batch]).sum(dim=0)
+        group = parallel_state.get_data_parallel_group()
+        if torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(totals, group=group)
+        model = self._model[0]
+        model.eval_totals = totals if model.eval_totals is None else model.eval_totals + totals
+        return -summarize(totals)["pos_logps"]
+
+
+def _sync_u_table_across_pipeline(u_table: UTable) -> None:
+    """Only the last pipeline stage updates u; copy its table to the other stages."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(
+            u_table.values,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,237 @@
+"""Build everything a DFT run needs from a validated config and train it with NeMo."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_dft.config import ConfigError, data_parallel_size
+from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
+from nemo_dft.data.io import read_rows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    run_dir: Path
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def use_gpu(cfg: DictConfig) -> bool:
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator: 'gpu' was requested but torch sees no CUDA device")
+    return cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
+
+
+def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGroupDataset | None]:
+    settings = GroupSettings(
+        num_negatives=cfg.dft.num_negatives,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        num_epochs=cfg.data.num_epochs,
+        per_epoch_negatives=cfg.dft.per_epoch_negatives,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.run.seed,
+        add_bos=cfg.data.add_bos,
+    )
+    train = DFTGroupDataset(read_rows(cfg.data.path), tokenizer, settings, source=str(cfg.data.path))
+    held_out = None
+    if cfg.data.eval_path:
+        eval_settings = GroupSettings(
+            num_negatives=cfg.dft.num_negatives,
+            max_length=cfg.data.max_length,
+            max_prompt_length=cfg.data.max_prompt_length,
+            num_epochs=1,
+            per_epoch_negatives=False,
+            shuffle=False,
+            add_bos=cfg.data.add_bos,
+        )
+        held_out = DFTGroupDataset(read_rows(cfg.data.eval_path), tokenizer, eval_settings, str(cfg.data.eval_path))
+    return train, held_out
+
+
+def resolve_max_steps(cfg: DictConfig, train: DFTGroupDataset) -> int:
+    """Steps that the configured epochs of data allow; a larger request is an error."""
+    available = len(train) // cfg.model.global_batch_size
+    if available < 1:
+        raise ConfigError(
+            f"model.global_batch_size: {cfg.model.global_batch_size} prompts exceed the "
+            f"{len(train)} prompts of data.num_epochs={cfg.data.num_epochs} epochs"
+        )
+    if cfg.trainer.max_steps is None:
+        return available
+    if cfg.trainer.max_steps > available:
+        raise ConfigError(
+            f"trainer.max_steps: {cfg.trainer.max_steps} steps need "
+            f"{cfg.trainer.max_steps * cfg.model.global_batch_size} prompts, but data.num_epochs="
+            f"{cfg.data.num_epochs} over {train.num_examples} examples gives {len(train)}; raise "
+            "data.num_epochs (each epoch needs its own dft.num_negatives negative columns)"
+        )
+    return cfg.trainer.max_steps
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Run (or resume) DFT training as configured; returns a summary for rank 0 to print."""
+    started = time.perf_counter()
+    on_gpu = use_gpu(cfg)
+    if not on_gpu:
+        from nemo_dft.cpu_compat import enable_cpu_compat
+
+        enable_cpu_compat()
+
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo import lightning as nl
+    from nemo.collections import llm
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
+
+    from nemo_dft.callbacks import MetricsJsonl
+    from nemo_dft.loss_reduction import DFTHyperParameters
+    from nemo_dft.model import DFTModel
+    from nemo_dft.model_config import build_gpt_config
+    from nemo_dft.tiny_model import tiny_tokenizer_dir
+
+    run_dir = Path(cfg.run.dir).resolve()
+    tokenizer_dir = str(cfg.tokenizer.path or tiny_tokenizer_dir())
+    tokenizer = AutoTokenizer(tokenizer_dir, use_fast=True)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer.tokenizer)
+    max_steps = resolve_max_steps(cfg, train_ds)
+    gbs = cfg.model.global_batch_size
+    dp = data_parallel_size(cfg)
+    eval_batches = 0
+    if eval_ds is not None:
+        eval_batches = len(eval_ds) // gbs
+        if eval_batches == 0:
+            raise ConfigError(f"data.eval_path: {len(eval_ds)} held-out prompts are fewer than one global batch ({gbs})")
+
+    model_overrides = OmegaConf.to_container(cfg.model.config, resolve=True)
+    model_overrides.setdefault("seq_length", cfg.data.max_length)
+    gpt_config = build_gpt_config(
+        cfg.model.arch,
+        model_overrides,
+        precision=cfg.model.precision,
+        tensor_parallel=cfg.model.tensor_model_parallel_size,
+        pipeline_parallel=cfg.model.pipeline_model_parallel_size,
+        context_parallel=cfg.model.context_parallel_size,
+        on_cpu=not on_gpu,
+    )
+    optim = MegatronOptimizerModule(
+        config=OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.optim.lr,
+            weight_decay=cfg.optim.weight_decay,
+            adam_beta1=cfg.optim.adam_beta1,
+            adam_beta2=cfg.optim.adam_beta2,
+            clip_grad=cfg.optim.clip_grad,
+            bf16=cfg.model.precision == "bf16",
+            fp16=cfg.model.precision == "fp16",
+            params_dtype=gpt_config.params_dtype,
+            use_distributed_optimizer=False,
+        ),
+        lr_scheduler=CosineAnnealingScheduler(
+            max_steps=max_steps,
+            warmup_steps=int(cfg.optim.warmup_ratio * max_steps),
+            constant_steps=0,
+            min_lr=cfg.optim.min_lr,
+        ),
+    )
+    model = DFTModel(
+        gpt_config,
+        dft=DFTHyperParameters(
+            tau=cfg.dft.tau, gamma=cfg.dft.gamma, num_negatives=cfg.dft.num_negatives, ref_free=cfg.dft.ref_free
+        ),
+        num_train_examples=train_ds.num_examples,
+        u_init=cfg.dft.u_init,
+        reference_dir=str(run_dir / "reference"),
+        optim=optim,
+        tokenizer=tokenizer,
+    )
+    from nemo_dft.data.datamodule import DFTDataModule
+
+    data = DFTDataModule(
+        train_ds,
+        eval_ds,
+        micro_batch_size=cfg.model.micro_batch_size,
+        global_batch_size=gbs,
+        pad_id=tokenizer.tokenizer.pad_token_id or 0,
+        fixed_length=cfg.model.pipeline_model_parallel_size > 1,
+    )
+    strategy = nl.MegatronStrategy(
+        tensor_model_parallel_size=cfg.model.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.model.pipeline_model_parallel_size,
+        context_parallel_size=cfg.model.context_parallel_size,
+        pipeline_dtype=gpt_config.params_dtype,
+        ddp=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        ),
+        process_group_backend=None if on_gpu else "gloo",
+        ckpt_async_save=False,
+        ckpt_parallel_load=False,
+        save_ckpt_format="torch_dist",
+    )
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl")
+    val_interval = cfg.trainer.val_check_interval or max_steps
+    trainer = nl.Trainer(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        max_steps=max_steps,
+        strategy=strategy,
+        plugins=nl.MegatronMixedPrecision(precision={"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(
+            cfg.model.precision, "32")),
+        callbacks=[metrics],
+        log_every_n_steps=1,
+        limit_val_batches=eval_batches,
+        num_sanity_val_steps=eval_batches,
+        val_check_interval=min(val_interval, max_steps),
+        enable_progress_bar=cfg.trainer.progress_bar,
+        use_distributed_sampler=False,
+    )
+    checkpoint = nl.ModelCheckpoint(
+        monitor="step",
+        mode="max",
+        save_top_k=2,
+        save_last=True,
+        every_n_train_steps=cfg.checkpoint.every_n_steps or max_steps,
+        save_on_train_epoch_end=False,
+        filename="{step}",
+    )
+    nemo_logger = nl.NeMoLogger(
+        explicit_log_dir=str(run_dir), ckpt=checkpoint, tensorboard=None, wandb=None, update_logger_directory=False
+    )
+    resume = nl.AutoResume(
+        resume_if_exists=True,
+        resume_ignore_no_checkpoint=True,
+        restore_config=nl.RestoreConfig(path=cfg.model.init_from) if cfg.model.init_from else None,
+    )
+    if trainer.global_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+    logger.info("DFT: %d steps, data-parallel size %d", max_steps, dp)
+    llm.train(model, data, trainer, log=nemo_logger, resume=resume)
+
+    from nemo_dft.callbacks import metrics_from_last_stage
+
+    evals = [metrics_from_last_stage(r, ("rank_acc", "pos_logps", "neg_logps")) for r in model.eval_results]
+    history = metrics.history
+    return TrainResult(
+        steps=int(trainer.global_step),
+        final_loss=history[-1]["loss"] if history else None,
+        eval_before=evals[0] if evals else None,
+        eval_after=evals[-1] if len(evals) > 1 else None,
+        run_dir=run_dir,
+        seconds=time.perf_counter() - started,
+        history=history,
+    )

@@ -1,0 +1,33 @@
+"""Shared test helpers: launching multi-process workers once per module."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script: Path, args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun on ``nproc`` local CPU processes; fail with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if result.returncode != 0:
+        pytest.fail(f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result

@@ -1,0 +1,65 @@
+"""End to end: scripts/train_dft.py on the embedded task, checking metrics.jsonl and the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = {"step", "loss", "lr", "grad_norm", "u_mean", "weight_mean", "pos_logps", "neg_logps", "rank_acc",
+            "tokens_per_s"}
+
+
+def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "scripts/train_dft.py", f"run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def checkpoint_common_state(run_dir: Path) -> dict:
+    [last] = sorted((run_dir / "checkpoints").glob("*-last"))
+    assert (last / "context" / "io.json").exists() and (last / "context" / "model.yaml").exists()
+    return torch.load(last / "weights" / "common.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("variant", ["dft", "dft2"])
+def test_training_script_writes_metrics_and_checkpoint(tmp_path, variant):
+    steps, gbs = 3, 8
+    extra = ["dft.ref_free=true", "dft.tau=0.3", "dft.gamma=0.9"] if variant == "dft2" else []
+    result = train(tmp_path, f"trainer.max_steps={steps}", f"model.global_batch_size={gbs}",
+                   "model.micro_batch_size=4", "data.num_epochs=1", *extra)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "DFT summary" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert REQUIRED <= set(record)
+        assert all(math.isfinite(record[k]) for k in REQUIRED)
+        assert 0.0 <= record["rank_acc"] <= 1.0 and record["tokens_per_s"] > 0
+    assert records[0]["u_mean"] != 0.0  # u was updated from its initial value
+    common = checkpoint_common_state(tmp_path)
+    u = common["dft_u_table"]["values"]
+    assert u.numel() == 512
+    # each step trains gbs distinct examples of epoch 0, and only those entries leave u_init = 0
+    assert int((u != 0).sum()) == steps * gbs
+    assert (tmp_path / "reference").exists() == (variant == "dft")
+
+
+def test_invalid_config_fails_before_training(tmp_path):
+    result = train(tmp_path, "dft.gamma=1.5")
+    assert result.returncode == 2 and "dft.gamma" in result.stderr
+    result = train(tmp_path, "model.no_such_key=1")
+    assert result.returncode == 2 and "no_such_key" in result.stderr
+    result = train(tmp_path, "model.global_batch_size=10", "model.micro_batch_size=4")
+    assert result.returncode == 2 and "model.global_batch_size" in result.stderr
+    result = train(tmp_path, "trainer.max_steps=100000")
+    assert result.returncode == 2 and "trainer.max_steps" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
