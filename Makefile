@@ -34,8 +34,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/nemo-run.txt 
 	echo "environment ready in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"; \
 	touch $@
 
+# Each demo writes a new run directory, so a second `make demo` trains again instead of resuming.
 demo: $(STAMP)
-	$(PY) scripts/train_dft.py $(ARGS)
+	$(PY) scripts/train_dft.py run.dir=runs/demo-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)

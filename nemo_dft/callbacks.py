@@ -8,7 +8,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from megatron.core import parallel_state
+
+from nemo_dft.parallel import broadcast_from_last_stage
 
 METRIC_KEYS = ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "rank_acc", "tokens")
 
@@ -16,12 +17,7 @@ METRIC_KEYS = ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "rank_
 def metrics_from_last_stage(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
     """The last pipeline stage computes the loss; send its numbers to the stage's other ranks."""
     vector = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(
-            vector,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
+    broadcast_from_last_stage(vector)
     return dict(zip(keys, vector.tolist(), strict=True))
 
 

@@ -38,7 +38,7 @@ class ModelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     micro_batch_size: int = 4  # prompts (groups of 1 + m sequences)
-    global_batch_size: int = 16  # prompts
+    global_batch_size: int = 8  # prompts
     precision: str = "fp32"  # fp32 | bf16 | fp16
     config: dict[str, Any] = field(default_factory=lambda: dict(TINY_MISTRAL_SHAPE))
 
@@ -50,8 +50,8 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
-    min_lr: float = 2e-4
+    lr: float = 3e-3
+    min_lr: float = 3e-4
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     clip_grad: float = 1.0

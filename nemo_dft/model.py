@@ -17,7 +17,8 @@ from megatron.core import parallel_state
 from nemo.collections import llm
 
 from nemo_dft.logprobs import token_logps
-from nemo_dft.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
+from nemo_dft.loss_reduction import STAT_NAMES, DFTHyperParameters, DFTLossReduction, summarize
+from nemo_dft.parallel import broadcast_from_last_stage
 from nemo_dft.u_table import UTable
 
 
@@ -147,8 +148,11 @@ class DFTModel(llm.GPTModel):
         self.eval_totals = None
 
     def on_validation_epoch_end(self) -> None:
-        totals = self.eval_totals
-        if totals is None:
+        """Every rank records the held-out statistics, which only the last stage computed."""
+        totals = self.eval_totals if self.eval_totals is not None else torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+        totals = totals.to(torch.float64).cpu()
+        broadcast_from_last_stage(totals)
+        if totals[STAT_NAMES.index("examples")] == 0:
             return
         result = {k: float(v) for k, v in summarize(totals).items()}
         result["step"] = int(self.trainer.global_step)
@@ -195,12 +199,7 @@ class _EvaluationReduction(DFTLossReduction):
 
 def _sync_u_table_across_pipeline(u_table: UTable) -> None:
     """Only the last pipeline stage updates u; copy its table to the other stages."""
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(
-            u_table.values,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
+    broadcast_from_last_stage(u_table.values)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

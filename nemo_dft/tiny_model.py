@@ -81,6 +81,10 @@ def build_tiny_tokenizer(out_dir: Path) -> None:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_task_corpus(), trainer=trainer)
+    # Reserve the rest of the vocabulary, so that it is exactly TINY_VOCAB_SIZE: the padded
+    # vocabulary is then the same at every tensor-parallel size and checkpoints reshard.
+    unused = TINY_VOCAB_SIZE - tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens([f"<unused_{i}>" for i in range(unused)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",

@@ -1,4 +1,4 @@
-"""The embedded demo task: copy or reverse a short spelled-out word.
+"""The embedded demo task: spell a short word back.
 
 Each example has one correct answer and K plausible wrong ones (the answer with a letter that
 the question does not contain, replaced, inserted or appended), written in the 1-to-m
@@ -16,7 +16,6 @@ from pathlib import Path
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny_task"
 NUM_NEGATIVES = 8
-OPERATIONS = {"Repeat": lambda letters: letters, "Reverse": lambda letters: letters[::-1]}
 
 
 def _spell(letters: list[str]) -> str:
@@ -56,12 +55,11 @@ def make_example(index: int, rng: random.Random) -> dict:
     """One row of the reference layout, with ``id`` = ``index``."""
     while True:
         letters = [rng.choice(ALPHABET) for _ in range(rng.randint(3, 6))]
-        operation = rng.choice(sorted(OPERATIONS))
-        answer = OPERATIONS[operation](letters)
         if len(set(letters)) == len(letters):
             break
+    answer = letters
     negatives = _corruptions(answer, rng, NUM_NEGATIVES)
-    question = f"{operation}: {_spell(letters)}"
+    question = f"Repeat: {_spell(letters)}"
 
     def chat(reply: list[str]) -> list[dict]:
         return [

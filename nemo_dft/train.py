@@ -114,7 +114,9 @@ def train(cfg: DictConfig) -> TrainResult:
     if eval_ds is not None:
         eval_batches = len(eval_ds) // gbs
         if eval_batches == 0:
-            raise ConfigError(f"data.eval_path: {len(eval_ds)} held-out prompts are fewer than one global batch ({gbs})")
+            raise ConfigError(
+                f"data.eval_path: {len(eval_ds)} held-out prompts are fewer than one global batch ({gbs})"
+            )
 
     model_overrides = OmegaConf.to_container(cfg.model.config, resolve=True)
     model_overrides.setdefault("seq_length", cfg.data.max_length)
@@ -222,9 +224,7 @@ def train(cfg: DictConfig) -> TrainResult:
     logger.info("DFT: %d steps, data-parallel size %d", max_steps, dp)
     llm.train(model, data, trainer, log=nemo_logger, resume=resume)
 
-    from nemo_dft.callbacks import metrics_from_last_stage
-
-    evals = [metrics_from_last_stage(r, ("rank_acc", "pos_logps", "neg_logps")) for r in model.eval_results]
+    evals = model.eval_results
     history = metrics.history
     return TrainResult(
         steps=int(trainer.global_step),
