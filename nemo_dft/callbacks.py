@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,15 @@ class MetricsJsonl(pl.Callback):
         self.path = Path(path)
         self._last_time: float | None = None
         self.history: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        """On resume, drop lines of steps after the checkpoint: they are about to be trained again."""
+        if trainer.global_rank != 0 or trainer.global_step == 0 or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= trainer.global_step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._last_time is None:

@@ -57,6 +57,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
 
 
 @dataclass

@@ -160,6 +160,7 @@ class DFTModel(llm.GPTModel):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _sync_u_table_across_pipeline(self.u_table)
+        _check_u_table_consistent(self.u_table)
         checkpoint["dft_u_table"] = self.u_table.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -200,6 +201,17 @@ class _EvaluationReduction(DFTLossReduction):
 def _sync_u_table_across_pipeline(u_table: UTable) -> None:
     """Only the last pipeline stage updates u; copy its table to the other stages."""
     broadcast_from_last_stage(u_table.values)
+
+
+def _check_u_table_consistent(u_table: UTable) -> None:
+    """Every rank must hold the same u table; a checkpoint of diverged tables would be wrong."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    tables = [torch.empty_like(u_table.values) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(tables, u_table.values)
+    for rank, table in enumerate(tables):
+        if not torch.equal(table, u_table.values):
+            raise RuntimeError(f"the u table of rank {rank} differs from this rank's; refusing to checkpoint it")
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:

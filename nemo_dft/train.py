@@ -136,6 +136,7 @@ def train(cfg: DictConfig) -> TrainResult:
             weight_decay=cfg.optim.weight_decay,
             adam_beta1=cfg.optim.adam_beta1,
             adam_beta2=cfg.optim.adam_beta2,
+            adam_eps=cfg.optim.adam_eps,
             clip_grad=cfg.optim.clip_grad,
             bf16=cfg.model.precision == "bf16",
             fp16=cfg.model.precision == "fp16",
@@ -208,13 +209,19 @@ def train(cfg: DictConfig) -> TrainResult:
         save_last=True,
         every_n_train_steps=cfg.checkpoint.every_n_steps or max_steps,
         save_on_train_epoch_end=False,
+        save_optim_on_train_end=True,  # the final checkpoint must be resumable too
         filename="{step}",
+        dirpath=str(run_dir / "checkpoints"),
     )
+    # NeMo moves every file at the top of its log directory into run_N/ when a run restarts, so
+    # its logs live in logs/ and metrics.jsonl and config.yaml stay put at the top of run.dir.
     nemo_logger = nl.NeMoLogger(
-        explicit_log_dir=str(run_dir), ckpt=checkpoint, tensorboard=None, wandb=None, update_logger_directory=False
+        explicit_log_dir=str(run_dir / "logs"), ckpt=checkpoint, tensorboard=None, wandb=None,
+        update_logger_directory=False,
     )
     resume = nl.AutoResume(
         resume_if_exists=True,
+        resume_from_directory=str(run_dir / "checkpoints"),
         resume_ignore_no_checkpoint=True,
         restore_config=nl.RestoreConfig(path=cfg.model.init_from) if cfg.model.init_from else None,
     )
