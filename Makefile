@@ -1,6 +1,8 @@
 # nemo_dft: `make demo` trains DFT on the embedded tiny task; `make test` runs the test suite.
 # Both create the training environment in .venv/ on first use.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +10,8 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PIP_QUIET := -q
 # pip prints a warning for each absent local index directory; keep the install log readable.
-PIP_FILTER := grep -v "is neither a file nor a directory" || true
+# (pipefail keeps pip's own exit status)
+PIP_FILTER := { grep -v "is neither a file nor a directory" || true; }
 
 .PHONY: env demo test lint clean help
 

@@ -1,0 +1,54 @@
+"""Command-line handling shared by scripts/generate_negatives.py and scripts/merge_negatives.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_dft.data.io import DataFormatError
+from nemo_dft.generation.config import ConfigError, GenerationConfig, load_config
+from nemo_dft.generation.merge import MergeError
+from nemo_dft.generation.runner import GenerationError
+
+
+def _flat_defaults(node: Any, prefix: str = "") -> Iterator[str]:
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            yield from _flat_defaults(value, f"{prefix}{key}.")
+        else:
+            yield f"  {prefix}{key}={value!r}"
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    defaults = "\n".join(_flat_defaults(OmegaConf.structured(GenerationConfig)))
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"keys and defaults (see conf/generate_negatives.yaml and docs/generation.md):\n{defaults}",
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file merged over the defaults")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dotted overrides")
+    return parser
+
+
+def main(
+    prog: str, description: str, action: Callable[[DictConfig], None], argv: list[str] | None = None
+) -> int:
+    """Parse, load the config, run ``action``; expected errors print one line and exit 2."""
+    args = build_parser(prog, description).parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        action(cfg)
+    except (ConfigError, DataFormatError, GenerationError, MergeError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,52 @@
+"""Prompt building shared by both backends, so that vLLM and HF see identical token ids.
+
+Styles (dft-algorithm.md, "Generating negatives"): ``chat`` renders the tokenizer's chat template
+over [system message, prompt turns] with the generation prompt; ``template`` substitutes the single
+user turn into a plain format string (the Alpaca prompt of the MetaMath recipe).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nemo_dft.data.io import DataFormatError
+from nemo_dft.generation.fields import Example, Message
+
+
+def chat_prompt_messages(example: Example, system_message: str | None) -> list[Message]:
+    """The prompt turns, led by ``system_message``; it replaces any system turn of the data (the
+    paper's generation prompt carries its own), and without one the data's turns are kept as is."""
+    if not system_message:
+        return list(example.prompt)
+    turns = [m for m in example.prompt if m["role"] != "system"]
+    return [{"role": "system", "content": system_message}, *turns]
+
+
+def template_prompt(example: Example, template: str) -> str:
+    """``template`` with ``{query}`` replaced by the one user turn (no str.format, so a template may
+    hold other braces, e.g. LaTeX's \\boxed{})."""
+    users = [m["content"] for m in example.prompt if m["role"] == "user"]
+    if len(users) != 1 or len(example.prompt) - len(users) > 1 or example.prompt[-1]["role"] != "user":
+        raise DataFormatError(
+            f"example id={example.id!r}: prompt.style=template needs a single-turn prompt "
+            f"(one user message, maybe after a system one), got roles {[m['role'] for m in example.prompt]}"
+        )
+    return template.replace("{query}", users[0])
+
+
+def render_prompt(example: Example, prompt_cfg: Any, tokenizer: Any) -> str:
+    """The prompt text of ``example`` under ``prompt_cfg`` (style, system_message, template)."""
+    if prompt_cfg.style == "template":
+        return template_prompt(example, prompt_cfg.template)
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataFormatError("prompt.style=chat, but the tokenizer has no chat template; use style=template")
+    messages = chat_prompt_messages(example, prompt_cfg.system_message)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(text: str, tokenizer: Any) -> list[int]:
+    """Token ids as vLLM would give a text prompt (the tokenizer's special tokens, e.g. BOS),
+    except that a BOS already rendered by the template is not doubled."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])

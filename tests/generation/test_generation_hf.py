@@ -1,0 +1,249 @@
+"""HF backend on the tiny random Llama: layout, seeds, sharding, atomic shards, resume and merge."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from generation_testutils import REPO, reference_seed, task_rows
+
+from nemo_dft.data.io import read_rows
+from nemo_dft.data.rows import validate_dft_rows
+from nemo_dft.generation.backends import Request, build_backend
+from nemo_dft.generation.merge import MergeError, merge_shards
+from nemo_dft.generation.runner import GenerationError, run_generation
+from nemo_dft.generation.samples import stop_token_ids
+from nemo_dft.generation.shards import METADATA_KEY, read_metadata, shard_path, write_shard
+
+K = 3
+
+
+def _merged(out: Path) -> list[dict]:
+    return read_rows(out / "negatives.parquet")
+
+
+def test_output_layout_metadata_and_trainer_reader(make_cfg, tmp_path) -> None:
+    report = run_generation(make_cfg(**{"shard.count": 2}))
+    assert report.merged is not None and report.merged.path == tmp_path / "out/negatives.parquet"
+    rows = _merged(tmp_path / "out")
+    tasks = task_rows(7)
+    assert [r["id"] for r in rows] == [t["id"] for t in tasks]
+    for row, task in zip(rows, tasks, strict=True):
+        assert set(row) == {"id", "real", *(f"generated_{k}" for k in range(K))}
+        user = {"role": "user", "content": task["q"]}
+        assert row["real"] == [user, {"role": "assistant", "content": task["a"]}]
+        for k in range(K):
+            chat = row[f"generated_{k}"]
+            assert chat[0] == user and chat[1]["role"] == "assistant" and len(chat) == 2
+            assert chat[1]["content"] and chat[1]["content"] == chat[1]["content"].lstrip()
+            assert "</s>" not in chat[1]["content"]
+        assert len({row[f"generated_{k}"][1]["content"] for k in range(K)}) == K
+    validate_dft_rows(rows, "negatives.parquet", min_negatives=K)  # the trainer's reader
+
+    meta = read_metadata(tmp_path / "out/negatives.parquet")
+    sampling = meta["settings"]["sampling"]
+    assert (sampling["n"], sampling["temperature"], sampling["top_p"], sampling["top_k"]) == (K, 0.7, 1.0, 50)
+    assert sampling["max_new_tokens"] == 12 and meta["settings"]["backend"] == "hf"
+    assert meta["settings"]["prompt"]["system_message"] == "You are an unhelpful assistant."
+    assert meta["seeds"] == [[t["id"], reference_seed(0, t["id"])] for t in tasks]
+    assert meta["counts"]["prompts"] == 7 and meta["counts"]["samples"] == 7 * K
+    assert meta["num_rows"] == 7 and meta["shard_count"] == 2
+
+
+def test_samples_equal_an_independent_hf_generate(make_cfg, tmp_path, tiny_model) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_generation(make_cfg())
+    rows = {r["id"]: r for r in _merged(tmp_path / "out")}
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+    for task in task_rows(7)[::3]:
+        text = f"<|system|>\nYou are an unhelpful assistant.</s>\n<|user|>\n{task['q']}</s>\n<|assistant|>\n"
+        ids = torch.tensor([tok(text)["input_ids"]])
+        torch.manual_seed(reference_seed(0, task["id"]))
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7, top_p=1.0, top_k=50,
+            max_new_tokens=12, num_return_sequences=K, eos_token_id=2, pad_token_id=2,
+        )  # fmt: skip
+        for k, sample in enumerate(out[:, ids.shape[1] :].tolist()):
+            cut = sample.index(2) if 2 in sample else len(sample)
+            expected = tok.decode(sample[:cut], skip_special_tokens=True).lstrip()
+            assert rows[task["id"]][f"generated_{k}"][1]["content"] == expected
+
+
+def test_same_seed_same_text_other_seed_other_text(make_cfg, tmp_path) -> None:
+    run_generation(make_cfg("a"))
+    run_generation(make_cfg("b"))
+    run_generation(make_cfg("c", **{"sampling.seed": 1}))
+    a, b, c = (_merged(tmp_path / name) for name in "abc")
+    assert a == b
+    assert all(
+        ra[f"generated_{k}"] != rc[f"generated_{k}"] for ra, rc in zip(a, c, strict=True) for k in range(K)
+    )
+
+
+def test_sharded_run_equals_unsharded_run(make_cfg, tmp_path) -> None:
+    run_generation(make_cfg("one"))
+    for index in (2, 0, 1):  # separate processes in practice, in any order
+        run_generation(make_cfg("three", **{"shard.count": 3, "shard.index": index}))
+    assert merge_shards(tmp_path / "three", 3).num_rows == 7
+    assert [len(read_rows(shard_path(tmp_path / "three", i, 3))) for i in range(3)] == [2, 2, 3]
+    assert _merged(tmp_path / "one") == _merged(tmp_path / "three")
+
+
+def _shard_files(out: Path) -> list[str]:
+    return sorted(os.listdir(out / "shards")) if (out / "shards").exists() else []
+
+
+def test_shard_files_are_atomic_and_a_crash_keeps_finished_shards(make_cfg, tmp_path, monkeypatch) -> None:
+    cfg = make_cfg(**{"shard.count": 2})
+    real_write = pq.write_table
+
+    def write_half_then_die(table, where, **kwargs):
+        real_write(table.slice(0, 1), where, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", write_half_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        run_generation(cfg)
+    assert _shard_files(tmp_path / "out") == []  # neither the final name nor a temporary file remains
+    monkeypatch.undo()
+
+    class DiesOnFifthPrompt:
+        """The HF backend, preempted while generating shard 1."""
+
+        def __init__(self) -> None:
+            self.inner = build_backend(cfg, tok, stop_token_ids(cfg.model.path, None, tok))
+            self.name, self.batch_size, self.calls = "hf", 1, 0
+
+        def generate(self, requests: list[Request]):
+            self.calls += 1
+            if self.calls == 5:
+                raise RuntimeError("preempted")
+            return self.inner.generate(requests)
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_generation(cfg, backend=DiesOnFifthPrompt(), tokenizer=tok)
+    assert _shard_files(tmp_path / "out") == ["shard-00000-of-00002.parquet"]
+    assert len(read_rows(shard_path(tmp_path / "out", 0, 2))) == 3
+    run_generation(cfg)
+    run_generation(make_cfg("ref"))
+    assert _merged(tmp_path / "out") == _merged(tmp_path / "ref")
+
+
+def test_resume_skips_finished_shards(make_cfg, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    run_generation(make_cfg(**{"shard.count": 2, "shard.index": 0}))
+    first = shard_path(tmp_path / "out", 0, 2)
+    stamp = first.stat().st_mtime_ns, first.stat().st_ino
+    cfg = make_cfg(**{"shard.count": 2})
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    inner = build_backend(cfg, tok, stop_token_ids(cfg.model.path, None, tok))
+    seen: list[int] = []
+
+    class Counting:
+        name, batch_size = "hf", 1
+
+        def generate(self, requests: list[Request]):
+            seen.extend(r.seed for r in requests)
+            return inner.generate(requests)
+
+    report = run_generation(cfg, backend=Counting(), tokenizer=tok)
+    assert [s.skipped for s in report.shards] == [True, False]
+    assert seen == [reference_seed(0, t["id"]) for t in task_rows(7)[3:]]  # only shard 1's prompts
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == stamp
+    rerun = run_generation(cfg, backend=None)  # all finished: nothing is loaded or generated
+    assert all(s.skipped for s in rerun.shards)
+
+
+def test_resume_refuses_shards_from_other_settings(make_cfg) -> None:
+    run_generation(make_cfg(**{"shard.count": 2, "shard.index": 0}))
+    with pytest.raises(GenerationError, match="other settings"):
+        run_generation(make_cfg(**{"shard.count": 2, "sampling.temperature": 0.9}))
+
+
+def test_merge_detects_a_missing_shard(make_cfg, tmp_path) -> None:
+    cfg = make_cfg(**{"shard.count": 3, "merge.after_all_shards": False})
+    run_generation(cfg)
+    shard_path(tmp_path / "out", 1, 3).unlink()
+    with pytest.raises(MergeError, match=r"1 of 3 shards missing: indices \[1\]"):
+        merge_shards(tmp_path / "out", 3)
+    with pytest.raises(MergeError, match="not shards of 4"):
+        merge_shards(tmp_path / "out", 4)
+    script = str(REPO / "scripts/merge_negatives.py")
+    proc = subprocess.run(
+        [sys.executable, script, f"output.dir={tmp_path / 'out'}", "shard.count=3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "indices [1]" in proc.stderr
+    assert not (tmp_path / "out/negatives.parquet").exists()
+
+
+def test_merge_detects_duplicate_and_lost_ids(make_cfg, tmp_path) -> None:
+    run_generation(make_cfg(**{"shard.count": 2, "merge.after_all_shards": False}))
+    out = tmp_path / "out"
+    rows0 = read_rows(shard_path(out, 0, 2))
+    second = shard_path(out, 1, 2)
+    rows1, meta1 = read_rows(second), read_metadata(second)
+    write_shard(second, [*rows1, rows0[1]], meta1)
+    with pytest.raises(
+        MergeError, match=r"shard-00001-of-00002.parquet: row 4: duplicate id 1, also in shard 0"
+    ):
+        merge_shards(out, 2)
+    write_shard(second, rows1[:-1], meta1)
+    with pytest.raises(MergeError, match="do not match"):
+        merge_shards(out, 2)
+    write_shard(second, rows1, meta1)
+    assert merge_shards(out, 2).num_rows == 7
+    assert METADATA_KEY.encode() in pq.read_schema(out / "negatives.parquet").metadata
+
+
+class ScriptedBackend:
+    """Answers "ok" except for example ids listed in ``empty_rounds`` ({id: rounds that come out empty})."""
+
+    name, batch_size = "fake", 4
+
+    def __init__(self, tokenizer, empty_rounds: dict[int, set[int]]) -> None:
+        self.ok = tokenizer("ok", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        self.eos = tokenizer.eos_token_id
+        self.empty = {reference_seed(0, i, r) for i, rounds in empty_rounds.items() for r in rounds}
+        self.requests: list[Request] = []
+
+    def generate(self, requests: list[Request]):
+        self.requests.extend(requests)
+        return [[[self.eos] if r.seed in self.empty else self.ok for _ in range(r.n)] for r in requests]
+
+
+def test_empty_samples_are_resampled_and_counted(make_cfg, tmp_path, tiny_tokenizer) -> None:
+    backend = ScriptedBackend(tiny_tokenizer, {4: {0, 1}, 5: {0}})
+    report = run_generation(make_cfg(), backend=backend, tokenizer=tiny_tokenizer)
+    counts = report.merged.counts
+    assert counts["empty_first_pass"] == 2 * K and counts["resampled"] == 3 * K
+    assert counts["resample_rounds"] == 2
+    assert [(r.n, r.seed) for r in backend.requests[7:]] == [
+        (K, reference_seed(0, 4, 1)), (K, reference_seed(0, 5, 1)), (K, reference_seed(0, 4, 2)),
+    ]  # fmt: skip
+    rows = _merged(tmp_path / "out")
+    assert all(row[f"generated_{k}"][1]["content"] == "ok" for row in rows for k in range(K))
+    assert read_metadata(tmp_path / "out/negatives.parquet")["counts"] == counts
+
+
+def test_empty_samples_fail_under_fail_policy_or_when_rounds_run_out(
+    make_cfg, tmp_path, tiny_tokenizer
+) -> None:
+    cfg = make_cfg(**{"sampling.on_empty": "fail"})
+    with pytest.raises(GenerationError, match=r"3 empty samples \(ids \[5\]"):
+        run_generation(cfg, backend=ScriptedBackend(tiny_tokenizer, {5: {0}}), tokenizer=tiny_tokenizer)
+    cfg = make_cfg(**{"sampling.max_resample_rounds": 2})
+    with pytest.raises(GenerationError, match=r"still empty after 2 resample rounds \(ids \[6\]"):
+        run_generation(cfg, backend=ScriptedBackend(tiny_tokenizer, {6: {0, 1, 2}}), tokenizer=tiny_tokenizer)
+    assert _shard_files(tmp_path / "out") == []
