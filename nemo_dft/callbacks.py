@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from tqdm import tqdm
 
 from nemo_dft.parallel import broadcast_from_last_stage
 
@@ -29,8 +30,10 @@ class MetricsJsonl(pl.Callback):
     in append mode so a resumed run continues it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, progress_bar: bool = True) -> None:
         self.path = Path(path)
+        self.progress_bar = progress_bar
+        self._bar: tqdm | None = None
         self._last_time: float | None = None
         self.history: list[dict[str, float]] = []
 
@@ -46,6 +49,13 @@ class MetricsJsonl(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._last_time is None:
             self._last_time = time.perf_counter()
+        if self.progress_bar and self._bar is None and trainer.global_rank == 0:
+            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="DFT", unit="step")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -62,6 +72,9 @@ class MetricsJsonl(pl.Callback):
         }
         self.history.append(record)
         pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['loss']:.3f}", rank_acc=f"{record['rank_acc']:.2f}", refresh=False)
+            self._bar.update(1)
         if trainer.global_rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:

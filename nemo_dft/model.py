@@ -156,6 +156,7 @@ class DFTModel(llm.GPTModel):
             return
         result = {k: float(v) for k, v in summarize(totals).items()}
         result["step"] = int(self.trainer.global_step)
+        result["before_training"] = bool(self.trainer.sanity_checking)
         self.eval_results.append(result)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

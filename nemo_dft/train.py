@@ -184,7 +184,7 @@ def train(cfg: DictConfig) -> TrainResult:
         ckpt_parallel_load=False,
         save_ckpt_format="torch_dist",
     )
-    metrics = MetricsJsonl(run_dir / "metrics.jsonl")
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar)
     val_interval = cfg.trainer.val_check_interval or max_steps
     trainer = nl.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
@@ -199,7 +199,9 @@ def train(cfg: DictConfig) -> TrainResult:
         limit_val_batches=eval_batches,
         num_sanity_val_steps=eval_batches,
         val_check_interval=min(val_interval, max_steps),
-        enable_progress_bar=cfg.trainer.progress_bar,
+        # NeMo's progress printer deadlocks gloo runs with pipeline parallelism (a collective on rank 0
+        # only); MetricsJsonl draws the progress bar instead.
+        enable_progress_bar=False,
         use_distributed_sampler=False,
     )
     checkpoint = nl.ModelCheckpoint(
@@ -231,13 +233,15 @@ def train(cfg: DictConfig) -> TrainResult:
     logger.info("DFT: %d steps, data-parallel size %d", max_steps, dp)
     llm.train(model, data, trainer, log=nemo_logger, resume=resume)
 
-    evals = model.eval_results
+    # The "before" evaluation is Lightning's sanity check, which NeMo skips with pipeline parallelism.
+    before = [r for r in model.eval_results if r["before_training"]]
+    after = [r for r in model.eval_results if not r["before_training"]]
     history = metrics.history
     return TrainResult(
         steps=int(trainer.global_step),
         final_loss=history[-1]["loss"] if history else None,
-        eval_before=evals[0] if evals else None,
-        eval_after=evals[-1] if len(evals) > 1 else None,
+        eval_before=before[0] if before else None,
+        eval_after=after[-1] if after else None,
         run_dir=run_dir,
         seconds=time.perf_counter() - started,
         history=history,
