@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
+from nemo_dft.config_loading import ConfigError, load_structured
 from nemo_dft.tiny_model import TINY_MISTRAL_SHAPE
 from nemo_dft.tiny_task import ASSET_DIR
 
@@ -99,24 +99,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the key."""
-
-
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Defaults, then ``config_file``, then ``key=value`` overrides; unknown keys are errors."""
-    cfg = OmegaConf.structured(TrainConfig)
-    try:
-        if config_file is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(config_file))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:
-        source = f" in {config_file}" if config_file else ""
-        raise ConfigError(f"invalid configuration{source}: {err}") from err
+    """Defaults, then ``config_file``, then ``key=value`` overrides, validated."""
+    cfg = load_structured(TrainConfig, config_file, overrides)
     validate(cfg)
     return cfg
 

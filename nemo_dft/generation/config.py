@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+from nemo_dft.config_loading import ConfigError, load_structured
 
 DEFAULT_SYSTEM_MESSAGE = "You are an unhelpful assistant."
 ALPACA_TEMPLATE = (
@@ -118,28 +119,9 @@ class GenerationConfig:
     hf: HFConfig = field(default_factory=HFConfig)
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the key."""
-
-
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Defaults, then ``config_file``, then ``key=value`` overrides; unknown keys are errors."""
-    cfg = OmegaConf.structured(GenerationConfig)
-    try:
-        if config_file is not None:
-            path = Path(config_file)
-            if not path.is_file():
-                raise ConfigError(f"{path}: config file not found")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            bad = [item for item in overrides if "=" not in item]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:
-        where = f" in {config_file}" if config_file else ""
-        raise ConfigError(f"invalid configuration{where}: {err}") from err
-    return cfg  # type: ignore[return-value]
+    return load_structured(GenerationConfig, config_file, overrides)
 
 
 def _require(cfg: DictConfig, key: str) -> None:

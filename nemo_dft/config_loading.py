@@ -1,0 +1,35 @@
+"""Loading typed OmegaConf configs: schema defaults, then a YAML file, then dotted overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key (and the file, where there is one)."""
+
+
+def load_structured(schema: type, config_file: str | Path | None, overrides: list[str] | None) -> DictConfig:
+    """Merge ``config_file`` and ``key=value`` overrides over ``schema``'s defaults.
+
+    Unknown keys and values of the wrong type are errors, reported with the file they came from.
+    """
+    cfg = OmegaConf.structured(schema)
+    try:
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"{path}: config file not found")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            bad = [item for item in overrides if "=" not in item]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid configuration{where}: {err}") from err
+    return cfg  # type: ignore[return-value]
