@@ -124,6 +124,31 @@ def _patch_nemo() -> None:
     megatron_init._set_random_seed = _set_random_seed
 
 
+def _disable_unavailable_rope_fusion() -> None:
+    """Let configs that default to ``apply_rope_fusion=True`` be built where its kernel is missing.
+
+    ``LlamaConfig`` defaults to the fused RoPE of Transformer Engine, and megatron's
+    ``TransformerConfig.__post_init__`` raises when TE is absent, so neither NeMo's Llama importer
+    nor ``load_context`` of a Llama checkpoint can build its config on a CPU.  The flag is
+    cleared on the instance only; the saved context keeps the portable default.  Idempotent.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kernels = (rope_utils.fused_apply_rotary_pos_emb, rope_utils.fused_apply_rotary_pos_emb_thd)
+    original = TransformerConfig.__post_init__
+    if any(k is not None for k in kernels) or getattr(original, "_nemo_dft_rope", False):
+        return
+
+    def __post_init__(self: TransformerConfig) -> None:
+        if self.apply_rope_fusion and not self.multi_latent_attention:
+            self.apply_rope_fusion = False
+        original(self)
+
+    __post_init__._nemo_dft_rope = True  # type: ignore[attr-defined]
+    TransformerConfig.__post_init__ = __post_init__
+
+
 def enable_cpu_compat() -> None:
     """Apply every CPU patch once in this process (idempotent)."""
     global _enabled, _function_mode
@@ -134,6 +159,7 @@ def enable_cpu_compat() -> None:
     _patch_torch_cuda()
     _patch_rng_tracker()
     _patch_nemo()
+    _disable_unavailable_rope_fusion()
     _function_mode = CudaToCpuMode()
     _function_mode.__enter__()  # stays active for the life of the process (thread-local)
     _enabled = True

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from nemo.collections import llm
 
+from nemo_dft.cpu_config import apply_cpu_model_overrides
+
 ARCHITECTURES: dict[str, type[llm.GPTConfig]] = {
     "gpt": llm.GPTConfig,
     "llama": llm.Llama2Config7B,
@@ -14,23 +16,6 @@ ARCHITECTURES: dict[str, type[llm.GPTConfig]] = {
 }
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_config_overrides() -> dict[str, Any]:
-    """Settings that megatron-core needs without CUDA kernels, Apex or Transformer Engine."""
-    from megatron.core.transformer.enums import AttnBackend
-
-    return {
-        "use_cpu_initialization": True,
-        "gradient_accumulation_fusion": False,
-        "masked_softmax_fusion": False,
-        "cross_entropy_loss_fusion": False,
-        "bias_activation_fusion": False,
-        "bias_dropout_fusion": False,
-        "apply_rope_fusion": False,
-        "persist_layer_norm": False,
-        "attention_backend": AttnBackend.local,
-    }
 
 
 def build_gpt_config(
@@ -63,9 +48,6 @@ def build_gpt_config(
         "pipeline_model_parallel_size": pipeline_parallel,
         "context_parallel_size": context_parallel,
     }
-    if arch == "mistral":
-        values["window_size"] = None  # full attention; the tuple form breaks megatron's softmax cache
-    if on_cpu:
-        values.update(cpu_config_overrides())
     values.update(overrides)
-    return config_cls(**values)
+    config = config_cls(**values)
+    return apply_cpu_model_overrides(config) if on_cpu else config

@@ -1,0 +1,40 @@
+"""Export of checkpoints written by DFT training (TP=1 and TP=2) to HF, checked by logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def train_checkpoint(run_dir: Path, tp: int) -> Path:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", "scripts/train_dft.py", f"run.dir={run_dir}",
+               "trainer.progress_bar=false", "trainer.max_steps=2", "model.global_batch_size=8",
+               "data.eval_path=null", f"trainer.devices={tp}", f"model.tensor_model_parallel_size={tp}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+    [last] = sorted((run_dir / "checkpoints").glob("*-last"))
+    return last
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dft_checkpoint_exports_to_hf_with_matching_logits(tmp_path, tp):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_dft.convert import export_hf, verify
+
+    checkpoint = train_checkpoint(tmp_path / "run", tp)
+    hf_dir = export_hf(checkpoint, tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert model.config.model_type == "mistral" and model.config.num_hidden_layers == 2
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    assert tokenizer.chat_template and "<|assistant|>" in tokenizer.chat_template
+    comparison = verify(hf_dir, checkpoint)
+    assert comparison.max_abs_diff < 1e-5, comparison.summary()

@@ -1,0 +1,224 @@
+"""HF -> NeMo -> HF on tiny random Mistral and Llama models: exact weights, matching logits.
+
+All conversions run in this process, so NeMo is imported once for the module; each variant is
+converted once and shared by the tests that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nemo_dft.convert import api, cli
+from nemo_dft.convert.errors import ConfigMismatchError
+
+pytestmark = pytest.mark.slow
+
+# (arch, tied embeddings, sliding window); the 16-token window is shorter than the test inputs.
+VARIANTS = [
+    ("mistral", False, None),
+    ("mistral", True, None),
+    ("llama", False, None),
+    ("llama", True, None),
+    ("mistral", False, 16),
+]
+IDS = ["mistral-untied", "mistral-tied", "llama-untied", "llama-tied", "mistral-window16"]
+FP32_ATOL = 1e-5  # measured: < 6e-7 on every variant
+
+
+@dataclass
+class Converted:
+    source: Path
+    nemo: Path
+    hf: Path
+    import_s: float
+    export_s: float
+
+
+@pytest.fixture(scope="module")
+def convert(tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool], Converted]:
+    """``convert(arch, tied, window=None)``: import then export that variant once per module."""
+    done: dict[tuple[str, bool, int | None], Converted] = {}
+
+    def run(arch: str, tied: bool, window: int | None = None) -> Converted:
+        if (arch, tied, window) not in done:
+            source = tiny_hf(arch, tied, window)
+            root = tmp_path_factory.mktemp(f"{arch}-{'tied' if tied else 'untied'}-{window}")
+            start = time.perf_counter()
+            nemo = api.import_hf(source, root / "nemo")
+            middle = time.perf_counter()
+            hf = api.export_hf(nemo, root / "hf")
+            done[(arch, tied, window)] = Converted(
+                source, nemo, hf, middle - start, time.perf_counter() - middle
+            )
+        return done[(arch, tied, window)]
+
+    return run
+
+
+@pytest.mark.parametrize(("arch", "tied", "window"), VARIANTS, ids=IDS)
+def test_roundtrip_is_bit_identical(convert, arch: str, tied: bool, window: int | None) -> None:
+    result = convert(arch, tied, window)
+    original = load_file(str(result.source / "model.safetensors"))
+    exported = load_file(str(result.hf / "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    assert ("lm_head.weight" in original) is not tied
+    norms = [name for name in original if "norm" in name]
+    assert norms and all(not torch.all(original[name] == 1) for name in norms), "norms must be non-trivial"
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype == torch.float32, name
+        assert torch.equal(exported[name], tensor), name
+    print(f"{arch} tied={tied}: import {result.import_s:.1f} s, export {result.export_s:.1f} s")
+
+
+@pytest.mark.parametrize(("arch", "tied", "window"), VARIANTS, ids=IDS)
+def test_roundtrip_keeps_config_tokenizer_and_chat_template(
+    convert, arch: str, tied: bool, window: int | None
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = convert(arch, tied, window)
+    assert json.loads((result.hf / "config.json").read_text()) == json.loads(
+        (result.source / "config.json").read_text()
+    )
+    source_tok = AutoTokenizer.from_pretrained(str(result.source))
+    exported_tok = AutoTokenizer.from_pretrained(str(result.hf))
+    assert exported_tok.chat_template and exported_tok.chat_template == source_tok.chat_template
+    chat = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]
+    assert exported_tok.apply_chat_template(chat) == source_tok.apply_chat_template(chat)
+    model = AutoModelForCausalLM.from_pretrained(str(result.hf))
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+
+
+def _random_tokens(vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 64), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("arch", "tied", "window"), VARIANTS, ids=IDS)
+def test_imported_logits_match_hf(convert, arch: str, tied: bool, window: int | None) -> None:
+    from nemo.lightning import teardown
+
+    from nemo_dft.convert.load import load_nemo_model
+    from nemo_dft.convert.logits import hf_logits, load_hf_model, nemo_logits
+
+    result = convert(arch, tied, window)
+    hf_model = load_hf_model(result.source)
+    tokens = _random_tokens(hf_model.config.vocab_size)
+    nemo_model, trainer = load_nemo_model(result.nemo, dtype=torch.float32)
+    try:
+        expected = hf_logits(hf_model, tokens)
+        actual = nemo_logits(nemo_model, tokens)[..., : expected.shape[-1]]
+    finally:
+        teardown(trainer, nemo_model)
+    diff = (expected - actual).abs().max().item()
+    print(f"{arch} tied={tied} window={window}: max abs logit diff {diff:.2e}")
+    assert diff < FP32_ATOL
+    assert torch.equal(expected.argmax(-1), actual.argmax(-1))
+
+
+def test_logit_check_detects_a_wrong_norm(convert) -> None:
+    """The parity check is sensitive to exactly the failure the norm-name fix prevents."""
+    from nemo.lightning import teardown
+
+    from nemo_dft.convert.load import load_nemo_model
+    from nemo_dft.convert.logits import compare_logits, load_hf_model
+    from nemo_dft.convert.mapping import unwrap_module
+
+    result = convert("mistral", False)
+    hf_model = load_hf_model(result.source)
+    nemo_model, trainer = load_nemo_model(result.nemo, dtype=torch.float32)
+    try:
+        inputs = [("random", _random_tokens(hf_model.config.vocab_size)[:1])]
+        assert compare_logits(hf_model, nemo_model, inputs).max_abs_diff < FP32_ATOL
+        norm = unwrap_module(nemo_model).decoder.layers[0].input_layernorm.weight
+        with torch.no_grad():
+            norm.fill_(1.0)  # what a dropped norm mapping leaves behind
+        assert compare_logits(hf_model, nemo_model, inputs).max_abs_diff > 1e-3
+    finally:
+        teardown(trainer, nemo_model)
+
+
+def test_verify_reports_max_difference(convert, capsys: pytest.CaptureFixture[str]) -> None:
+    result = convert("llama", False)
+    report = api.verify(result.source, result.nemo)
+    assert report.max_abs_diff < FP32_ATOL
+    assert len(report.per_input) == 5 and report.argmax_agreement == 1.0
+    status = cli.main(["verify", "--hf", str(result.hf), "--nemo", str(result.nemo), "--atol", "1e-5"])
+    assert status == 0
+    assert "max abs logit diff" in capsys.readouterr().out
+
+
+def test_verify_fails_for_a_different_model(convert, tiny_hf) -> None:
+    other = tiny_hf("mistral", True)  # same shapes, different weights
+    status = cli.main(["verify", "--hf", str(other), "--nemo", str(convert("mistral", False).nemo)])
+    assert status == 1
+
+
+def test_export_casts_to_requested_dtype(convert, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result = convert("mistral", False)
+    out = api.export_hf(result.nemo, tmp_path / "bf16", dtype="bf16")
+    original = load_file(str(result.source / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    for name, tensor in original.items():
+        assert exported[name].dtype == torch.bfloat16
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(str(out), dtype="auto").dtype == torch.bfloat16
+
+
+def test_export_rejects_mismatched_arch(convert, tmp_path: Path) -> None:
+    with pytest.raises(ConfigMismatchError, match="--arch llama was requested .* mistral"):
+        api.export_hf(convert("mistral", False).nemo, tmp_path / "out", arch="llama")
+
+
+def test_cpu_overrides_keep_the_sliding_window() -> None:
+    import nemo.collections.llm as llm
+
+    from nemo_dft.convert.cpu import apply_cpu_model_overrides
+
+    config = apply_cpu_model_overrides(llm.MistralConfig7B(num_layers=2))
+    assert config.window_size == (4096, 0)
+    assert config.attention_backend.name == "local"
+    assert config.masked_softmax_fusion is False and config.use_cpu_initialization is True
+    assert "window_size" not in config.__io__.__arguments__  # by assignment: not saved in context
+
+
+def _gpt_subclass() -> type:
+    import nemo.collections.llm as llm
+
+    class TinyDFTModel(llm.GPTModel):
+        """Stands in for the trainer's DFTModel: a GPTModel subclass with no connectors of its own."""
+
+    TinyDFTModel.__module__, TinyDFTModel.__qualname__ = __name__, "TinyDFTModel"
+    return TinyDFTModel
+
+
+TinyDFTModel = None  # set on first use; a module attribute so NeMo's context can name the class
+
+
+def test_gptmodel_subclass_import_and_export_via_nemo_api(tiny_hf, tmp_path: Path) -> None:
+    """``register_hf_connectors`` makes llm.import_ckpt / llm.export_ckpt work for a subclass."""
+    import nemo.collections.llm as llm
+
+    from nemo_dft.convert import register_hf_connectors
+
+    global TinyDFTModel
+    TinyDFTModel = TinyDFTModel or _gpt_subclass()
+    source = tiny_hf("llama", True)
+    nemo = api.import_hf(source, tmp_path / "nemo", model_cls=TinyDFTModel)
+    assert "TinyDFTModel" in (nemo / "context" / "model.yaml").read_text()
+    register_hf_connectors(TinyDFTModel)
+    out = llm.export_ckpt(str(nemo), "hf", output_path=str(tmp_path / "hf"))
+    original = load_file(str(source / "model.safetensors"))
+    exported = load_file(str(Path(out) / "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
