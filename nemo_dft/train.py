@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ def use_gpu(cfg: DictConfig) -> bool:
 
 
 def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGroupDataset | None]:
+    """The training groups, and the held-out groups (one pass, negatives 0..m-1, fixed order)."""
     settings = GroupSettings(
         num_negatives=cfg.dft.num_negatives,
         max_length=cfg.data.max_length,
@@ -46,18 +48,10 @@ def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGrou
         add_bos=cfg.data.add_bos,
     )
     train = DFTGroupDataset(read_rows(cfg.data.path), tokenizer, settings, source=str(cfg.data.path))
-    held_out = None
-    if cfg.data.eval_path:
-        eval_settings = GroupSettings(
-            num_negatives=cfg.dft.num_negatives,
-            max_length=cfg.data.max_length,
-            max_prompt_length=cfg.data.max_prompt_length,
-            num_epochs=1,
-            per_epoch_negatives=False,
-            shuffle=False,
-            add_bos=cfg.data.add_bos,
-        )
-        held_out = DFTGroupDataset(read_rows(cfg.data.eval_path), tokenizer, eval_settings, str(cfg.data.eval_path))
+    if not cfg.data.eval_path:
+        return train, None
+    eval_settings = dataclasses.replace(settings, num_epochs=1, per_epoch_negatives=False, shuffle=False)
+    held_out = DFTGroupDataset(read_rows(cfg.data.eval_path), tokenizer, eval_settings, str(cfg.data.eval_path))
     return train, held_out
 
 
