@@ -27,6 +27,8 @@ COMMON = [
     "trainer.progress_bar=false", "trainer.max_steps=3", "data.num_epochs=1", "data.eval_path=null",
     "model.global_batch_size=8", "dft.ref_free=true", "dft.tau=0.3", "dft.gamma=0.9", "optim.warmup_ratio=0",
     "optim.adam_eps=1e-4",
+    # a checkpoint after every step: each save also checks that all ranks hold the same u table
+    "checkpoint.every_n_steps=1",
 ]
 LAYOUTS = {
     "tp1_pp1_dp1_mb4": (1, 1, 1, 4),
