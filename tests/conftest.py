@@ -12,6 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Set in the pytest process by tests that run NeMo in-process (Lightning picks a port and keeps
+# its process group); a child that inherited them would try to listen on that same port.
+DISTRIBUTED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                         "GROUP_RANK", "NODE_RANK")
+
+
+def subprocess_env() -> dict[str, str]:
+    """This process's environment for a child training run: no inherited rendezvous, 1 thread per rank."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
 def free_port() -> int:
     import socket
 
@@ -22,7 +34,7 @@ def free_port() -> int:
 
 def torchrun(script: Path, args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun on ``nproc`` local CPU processes; fail with its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,8 @@ def command(run_dir: Path, *extra: str) -> list[str]:
 
 
 def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(run_dir, *extra), cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command(run_dir, *extra), cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env=subprocess_env())
     assert result.returncode == 0, result.stderr[-6000:]
     return result
 
@@ -60,7 +61,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_killed_run_resumes_bit_exactly(uninterrupted, tmp_path):
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(command(run_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               start_new_session=True, env=subprocess_env())
     deadline = time.time() + 600
     while not ((run_dir / "checkpoints").exists() and complete_last_checkpoints(run_dir)):
         assert process.poll() is None, "the run ended before its first checkpoint"

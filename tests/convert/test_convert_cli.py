@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +18,9 @@ SCRIPT = REPO / "scripts" / "convert_hf.py"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
+        [sys.executable, str(SCRIPT), *args],
+        env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=REPO,
     )
 
 
