@@ -19,16 +19,23 @@ DISTRIBUTED_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LO
 
 
 def subprocess_env() -> dict[str, str]:
-    """This process's environment for a child training run: no inherited rendezvous, 1 thread per rank."""
+    """This process's environment for a child training run: a fresh rendezvous port, 1 thread per rank.
+
+    (torchrun replaces MASTER_PORT with its own --master-port.)
+    """
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
 
 
 def free_port() -> int:
+    """A TCP port free on IPv4 and IPv6 alike: torch's store listens dual-stack, so a port that is
+    free on IPv4 only (another process's store holds it on IPv6) would fail with EADDRINUSE."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
         return sock.getsockname()[1]
 
 
