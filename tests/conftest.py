@@ -50,3 +50,18 @@ def torchrun(script: Path, args: list[str], nproc: int, timeout: int = 600) -> s
     if result.returncode != 0:
         pytest.fail(f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
+
+
+def run_child(command: list[str], timeout: int = 900, attempts: int = 3) -> subprocess.CompletedProcess:
+    """Run a training child; start it again on a fresh port if its rendezvous port was taken.
+
+    The port is chosen free but only bound by the child seconds later, after its imports; on a
+    busy machine another process can take it in between (EADDRINUSE), which says nothing about
+    the code under test.
+    """
+    for _ in range(attempts):
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                                env=subprocess_env())
+        if result.returncode == 0 or "EADDRINUSE" not in result.stderr:
+            return result
+    return result

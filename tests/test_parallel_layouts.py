@@ -12,14 +12,13 @@ the test uses eps = 1e-4 to compare what the layouts compute rather than that am
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port, run_child
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +43,7 @@ def launch(run_dir: Path, nproc: int, *overrides: str) -> None:
     if nproc > 1:
         command[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
                         f"--master-port={free_port()}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    result = run_child(command)
     assert result.returncode == 0, f"{run_dir.name}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 

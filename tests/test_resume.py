@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, run_child, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,7 @@ def command(run_dir: Path, *extra: str) -> list[str]:
 
 
 def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(run_dir, *extra), cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env=subprocess_env())
+    result = run_child(command(run_dir, *extra))
     assert result.returncode == 0, result.stderr[-6000:]
     return result
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_child
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ REQUIRED = {"step", "loss", "lr", "grad_norm", "u_mean", "weight_mean", "pos_log
 
 def train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "scripts/train_dft.py", f"run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=subprocess_env())
+    return run_child(command)
 
 
 def checkpoint_common_state(run_dir: Path) -> dict:
