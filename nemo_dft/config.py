@@ -28,6 +28,9 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     val_check_interval: int | None = None  # None: held-out evaluation only before and after training
     progress_bar: bool = True
+    # Signals that make training save a checkpoint at the end of the current step and exit with
+    # code 75 (EXIT_PREEMPTED), so a Slurm script can requeue the job; [] leaves signals alone.
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -40,12 +43,24 @@ class ModelConfig:
     micro_batch_size: int = 4  # prompts (groups of 1 + m sequences)
     global_batch_size: int = 8  # prompts
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    config: dict[str, Any] = field(default_factory=lambda: dict(TINY_MISTRAL_SHAPE))
+    # FP8 through Transformer Engine (GPU only): null | hybrid | e4m3, and the scaling recipe:
+    # delayed | tensorwise | mxfp8 | blockwise.  See nemo_dft/fp8.py.
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_param: bool = False
+    # tiny: the embedded demo's shape under model.config; null: the architecture's own config
+    # (e.g. NeMo's MistralConfig7B), which the paper recipes use.
+    preset: str | None = "tiny"
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of NeMo GPT config fields
 
 
 @dataclass
 class TokenizerConfig:
     path: str | None = None  # HF tokenizer directory; None: the locally built tiny tokenizer
+    # Training prompt template: null (the tokenizer's own), zephyr, alpaca, or a Jinja template.
+    chat_template: str | None = None
 
 
 @dataclass
@@ -67,7 +82,8 @@ class DFTConfig:
     gamma: float = 0.85
     u_init: float = 0.0
     ref_free: bool = False
-    reference: str = "frozen"
+    reference: str = "frozen"  # frozen (on the fly) | offline (dft.ref_logps file)
+    ref_logps: str | None = None  # file written by scripts/precompute_ref_logps.py
     per_epoch_negatives: bool = True
 
 
@@ -121,6 +137,15 @@ def data_parallel_size(cfg: DictConfig) -> int:
     return world // model_parallel
 
 
+def model_config_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The NeMo GPT config fields this run sets: the preset's shape, then ``model.config``."""
+    from omegaconf import OmegaConf
+
+    overrides = dict(TINY_MISTRAL_SHAPE) if cfg.model.preset == "tiny" else {}
+    overrides.update(OmegaConf.to_container(cfg.model.config, resolve=True))
+    return overrides
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject impossible settings before anything is built."""
     from nemo_dft.objective import validate_hyperparameters
@@ -129,6 +154,10 @@ def validate(cfg: DictConfig) -> None:
         validate_hyperparameters(cfg.dft.tau, cfg.dft.gamma)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    from nemo_dft.precision import static_errors
+
+    for key, problem in static_errors(cfg.model):
+        raise ConfigError(f"{key}: {problem}")
     m = cfg.model
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                 "micro_batch_size", "global_batch_size"):
@@ -146,7 +175,8 @@ def validate(cfg: DictConfig) -> None:
     _require(m.context_parallel_size == 1, "model.context_parallel_size",
              "context parallelism is not supported for DFT yet (sequences are short and whole groups "
              "must stay on one rank)")
-    layers = m.config.get("num_layers")
+    _require(m.preset in (None, "tiny"), "model.preset", f"{m.preset!r} is not 'tiny' or null")
+    layers = model_config_overrides(cfg).get("num_layers")
     if layers is not None:
         _require(m.pipeline_model_parallel_size <= layers, "model.pipeline_model_parallel_size",
                  f"{m.pipeline_model_parallel_size} stages exceed the model's {layers} layers")
@@ -164,5 +194,11 @@ def validate(cfg: DictConfig) -> None:
         _require(Path(cfg.data.eval_path).exists(), "data.eval_path", f"{cfg.data.eval_path} does not exist")
     _require(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must lie in [0, 1)")
     _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
+    from nemo_dft.preemption import parse_signals
+
+    try:
+        parse_signals(list(cfg.trainer.preemption_signals))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     _require(cfg.trainer.accelerator in ("auto", "cpu", "gpu"), "trainer.accelerator",
              f"{cfg.trainer.accelerator!r} is not auto, cpu or gpu")

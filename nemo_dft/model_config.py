@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from nemo.collections import llm
 
 from nemo_dft.cpu_config import apply_cpu_model_overrides
+from nemo_dft.precision import PRECISIONS
 
 ARCHITECTURES: dict[str, type[llm.GPTConfig]] = {
     "gpt": llm.GPTConfig,
@@ -15,7 +15,7 @@ ARCHITECTURES: dict[str, type[llm.GPTConfig]] = {
     "mistral": llm.MistralConfig7B,
 }
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {name: dtype for name, (_, dtype) in PRECISIONS.items()}
 
 
 def build_gpt_config(

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_dft.config import ConfigError, data_parallel_size
+from nemo_dft.config import ConfigError, data_parallel_size, model_config_overrides
 from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
 from nemo_dft.data.io import read_rows
+from nemo_dft.precision import check_fp8_supported, precision_plugin
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +28,25 @@ class TrainResult:
     run_dir: Path
     seconds: float
     history: list[dict] = field(default_factory=list)
+    preempted: bool = False  # stopped by a signal after saving a checkpoint; rerun to resume
 
 
 def use_gpu(cfg: DictConfig) -> bool:
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator: 'gpu' was requested but torch sees no CUDA device")
     return cfg.trainer.accelerator != "cpu" and torch.cuda.is_available()
+
+
+def apply_chat_template_setting(cfg: DictConfig, hf_tokenizer) -> None:
+    """Give the tokenizer the template that ``tokenizer.chat_template`` selects."""
+    from nemo_dft.data.chat_template import resolve_chat_template
+
+    try:
+        hf_tokenizer.chat_template = resolve_chat_template(
+            cfg.tokenizer.chat_template, getattr(hf_tokenizer, "chat_template", None)
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGroupDataset | None]:
@@ -75,10 +89,19 @@ def resolve_max_steps(cfg: DictConfig, train: DFTGroupDataset) -> int:
     return cfg.trainer.max_steps
 
 
+def slurm_plugins() -> list:
+    """Under Slurm, Lightning would save its own checkpoint and requeue on SIGUSR1 from inside the
+    signal handler; nemo_dft.preemption does that at a step boundary instead."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def train(cfg: DictConfig) -> TrainResult:
     """Run (or resume) DFT training as configured; returns a summary for rank 0 to print."""
     started = time.perf_counter()
     on_gpu = use_gpu(cfg)
+    check_fp8_supported(cfg.model, on_gpu)
     if not on_gpu:
         from nemo_dft.cpu_compat import enable_cpu_compat
 
@@ -95,11 +118,14 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_dft.loss_reduction import DFTHyperParameters
     from nemo_dft.model import DFTModel
     from nemo_dft.model_config import build_gpt_config
+    from nemo_dft.preemption import PreemptionStop, parse_signals
+    from nemo_dft.strategy import DFTMegatronStrategy
     from nemo_dft.tiny_model import tiny_tokenizer_dir
 
     run_dir = Path(cfg.run.dir).resolve()
     tokenizer_dir = str(cfg.tokenizer.path or tiny_tokenizer_dir())
     tokenizer = AutoTokenizer(tokenizer_dir, use_fast=True)
+    apply_chat_template_setting(cfg, tokenizer.tokenizer)
     train_ds, eval_ds = build_datasets(cfg, tokenizer.tokenizer)
     max_steps = resolve_max_steps(cfg, train_ds)
     gbs = cfg.model.global_batch_size
@@ -112,7 +138,7 @@ def train(cfg: DictConfig) -> TrainResult:
                 f"data.eval_path: {len(eval_ds)} held-out prompts are fewer than one global batch ({gbs})"
             )
 
-    model_overrides = OmegaConf.to_container(cfg.model.config, resolve=True)
+    model_overrides = model_config_overrides(cfg)
     model_overrides.setdefault("seq_length", cfg.data.max_length)
     gpt_config = build_gpt_config(
         cfg.model.arch,
@@ -165,7 +191,7 @@ def train(cfg: DictConfig) -> TrainResult:
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
         fixed_length=cfg.model.pipeline_model_parallel_size > 1,
     )
-    strategy = nl.MegatronStrategy(
+    strategy = DFTMegatronStrategy(
         tensor_model_parallel_size=cfg.model.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.model.pipeline_model_parallel_size,
         context_parallel_size=cfg.model.context_parallel_size,
@@ -179,6 +205,7 @@ def train(cfg: DictConfig) -> TrainResult:
         save_ckpt_format="torch_dist",
     )
     metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar)
+    preemption = PreemptionStop(parse_signals(list(cfg.trainer.preemption_signals)))
     val_interval = cfg.trainer.val_check_interval or max_steps
     trainer = nl.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
@@ -186,9 +213,8 @@ def train(cfg: DictConfig) -> TrainResult:
         num_nodes=cfg.trainer.num_nodes,
         max_steps=max_steps,
         strategy=strategy,
-        plugins=nl.MegatronMixedPrecision(precision={"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(
-            cfg.model.precision, "32")),
-        callbacks=[metrics],
+        plugins=[precision_plugin(cfg.model), *slurm_plugins()],
+        callbacks=[metrics, preemption],
         log_every_n_steps=1,
         limit_val_batches=eval_batches,
         num_sanity_val_steps=eval_batches,
@@ -239,4 +265,5 @@ def train(cfg: DictConfig) -> TrainResult:
         run_dir=run_dir,
         seconds=time.perf_counter() - started,
         history=history,
+        preempted=preemption.preempted,
     )

@@ -18,6 +18,10 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   dft.num_negatives, dft.tau, dft.gamma, dft.u_init, dft.ref_free, dft.per_epoch_negatives
   data.path, data.eval_path, data.num_epochs, data.max_length, data.max_prompt_length
   checkpoint.every_n_steps                 0: only at the end; a rerun with the same run.dir resumes
+  trainer.preemption_signals               default [SIGTERM, SIGUSR1]: checkpoint after the step, exit 75
+
+Exit codes: 0 trained, 2 configuration error, 75 stopped by a signal with a checkpoint saved
+(rerun with the same run.dir to resume), anything else a failure.
 """
 
 from __future__ import annotations
@@ -64,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
+    from nemo_dft.preemption import EXIT_PREEMPTED
+
+    if result.preempted:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"\nDFT stopped by a signal after step {result.steps} with a checkpoint in {result.run_dir}; "
+                  f"run again with the same run.dir to resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     if not dist.is_initialized() or dist.get_rank() == 0:
         summary = {
             "steps": result.steps,

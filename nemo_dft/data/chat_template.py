@@ -19,3 +19,40 @@ ZEPHYR_CHAT_TEMPLATE = (
     "{% endif %}\n"
     "{% endfor %}"
 )
+
+# The MetaMath recipe's Alpaca prompt (dft-algorithm.md, "Generating negatives"): no chat roles,
+# the answer follows "### Response:" and ends with the eos token.
+ALPACA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ 'Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\\n\\n### Instruction:\\n' + message['content'] + '\\n\\n### Response:' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'] + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+NAMED_CHAT_TEMPLATES = {"zephyr": ZEPHYR_CHAT_TEMPLATE, "alpaca": ALPACA_CHAT_TEMPLATE}
+
+
+def resolve_chat_template(setting: str | None, tokenizer_template: str | None) -> str:
+    """The Jinja template training renders with: a named one, a literal one, or the tokenizer's own.
+
+    Raises ValueError (naming ``tokenizer.chat_template``) when none is available.
+    """
+    if setting is None:
+        if not tokenizer_template:
+            raise ValueError(
+                "tokenizer.chat_template: the tokenizer has no chat template; set one of "
+                f"{sorted(NAMED_CHAT_TEMPLATES)} or a Jinja template string"
+            )
+        return tokenizer_template
+    if setting in NAMED_CHAT_TEMPLATES:
+        return NAMED_CHAT_TEMPLATES[setting]
+    if "{%" not in setting and "{{" not in setting:
+        raise ValueError(
+            f"tokenizer.chat_template: {setting!r} is neither a known template name "
+            f"({sorted(NAMED_CHAT_TEMPLATES)}) nor a Jinja template"
+        )
+    return setting
