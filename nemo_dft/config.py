@@ -181,11 +181,18 @@ def validate(cfg: DictConfig) -> None:
         _require(m.pipeline_model_parallel_size <= layers, "model.pipeline_model_parallel_size",
                  f"{m.pipeline_model_parallel_size} stages exceed the model's {layers} layers")
     _require(cfg.dft.num_negatives >= 1, "dft.num_negatives", "must be >= 1")
-    _require(cfg.dft.reference in ("frozen",), "dft.reference", f"unknown mode {cfg.dft.reference!r}; use 'frozen'")
-    if not cfg.dft.ref_free:
+    _require(cfg.dft.reference in ("frozen", "offline"), "dft.reference",
+             f"unknown mode {cfg.dft.reference!r}; use 'frozen' or 'offline'")
+    if not cfg.dft.ref_free and cfg.dft.reference == "frozen":
         _require(m.pipeline_model_parallel_size == 1, "dft.reference",
-                 "the frozen on-the-fly reference needs pipeline_model_parallel_size=1; "
-                 "use dft.ref_free=true (DFT2) with pipeline parallelism")
+                 "the frozen on-the-fly reference needs pipeline_model_parallel_size=1; with pipeline "
+                 "parallelism use dft.reference=offline (scripts/precompute_ref_logps.py) or dft.ref_free=true")
+    if not cfg.dft.ref_free and cfg.dft.reference == "offline":
+        _require(cfg.dft.ref_logps is not None, "dft.ref_logps",
+                 "dft.reference=offline needs the file written by scripts/precompute_ref_logps.py")
+        _require(Path(cfg.dft.ref_logps).is_file(), "dft.ref_logps", f"{cfg.dft.ref_logps} does not exist")
+        _require(cfg.model.init_from is not None, "model.init_from",
+                 "dft.reference=offline scores the initial weights of a checkpoint; set model.init_from")
     _require(0 < cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
              f"must be > 0 and below data.max_length={cfg.data.max_length}")
     _require(cfg.data.num_epochs >= 1, "data.num_epochs", "must be >= 1")

@@ -34,6 +34,11 @@ class DFTHyperParameters:
     gamma: float
     num_negatives: int
     ref_free: bool
+    reference: str = "frozen"  # where reference log-probs come from: frozen (scored each step) | offline (file)
+
+    @property
+    def scores_reference_on_the_fly(self) -> bool:
+        return not self.ref_free and self.reference == "frozen"
 
 
 def _data_parallel_group() -> dist.ProcessGroup | None:
@@ -79,8 +84,10 @@ class DFTLossReduction(MegatronLossReduction):
 
         ref_neg = None
         if not self.hparams.ref_free:
-            ref_token_logps = batch["ref_token_logps"]
-            (_, ref_neg), _ = self.group_scores(batch, ref_token_logps)
+            if "ref_neg_logps" in batch:  # offline: read from the precomputed file with the batch
+                ref_neg = batch["ref_neg_logps"].to(neg.dtype)
+            else:
+                (_, ref_neg), _ = self.group_scores(batch, batch["ref_token_logps"])
         index = batch["example_index"]
         result = dft_loss(
             pos,

@@ -73,7 +73,7 @@ class DFTModel(llm.GPTModel):
         return token_logps(output, batch["labels"], inplace=True)
 
     def training_step(self, batch, batch_idx=None) -> torch.Tensor:
-        return self.forward_step(batch, with_reference=not self.dft.ref_free)
+        return self.forward_step(batch, with_reference=self.dft.scores_reference_on_the_fly)
 
     def validation_step(self, batch, batch_idx=None) -> torch.Tensor:
         return self.forward_step(batch, with_reference=False)
@@ -107,7 +107,7 @@ class DFTModel(llm.GPTModel):
         On a fresh run the copy is taken from the policy and saved under ``reference_dir``; a
         resumed run loads that file, because its policy weights are no longer the initial ones.
         """
-        if self.dft.ref_free or self._reference:
+        if not self.dft.scores_reference_on_the_fly or self._reference:
             return
         from megatron.core.utils import unwrap_model
 

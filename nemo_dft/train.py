@@ -69,6 +69,19 @@ def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGrou
     return train, held_out
 
 
+def attach_offline_reference(cfg: DictConfig, train: DFTGroupDataset, hf_tokenizer) -> None:
+    """Read ``dft.ref_logps`` after checking it was computed for exactly this data, tokenizer,
+    template, truncation, negatives and checkpoint; every group then carries its values."""
+    from nemo_dft.reference import fingerprint
+    from nemo_dft.reference.table import load_reference_table
+
+    try:
+        table = load_reference_table(cfg.dft.ref_logps, train, fingerprint.for_run(cfg, hf_tokenizer))
+    except ValueError as err:
+        raise ConfigError(f"dft.ref_logps: {err}") from err
+    train.attach_reference(table)
+
+
 def resolve_max_steps(cfg: DictConfig, train: DFTGroupDataset) -> int:
     """Steps that the configured epochs of data allow; a larger request is an error."""
     available = len(train) // cfg.model.global_batch_size
@@ -97,36 +110,83 @@ def slurm_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
-def train(cfg: DictConfig) -> TrainResult:
-    """Run (or resume) DFT training as configured; returns a summary for rank 0 to print."""
-    started = time.perf_counter()
+def enable_device(cfg: DictConfig) -> bool:
+    """True on GPU; on CPU, turn on the CPU compatibility shim (the only place it is used)."""
     on_gpu = use_gpu(cfg)
     check_fp8_supported(cfg.model, on_gpu)
     if not on_gpu:
         from nemo_dft.cpu_compat import enable_cpu_compat
 
         enable_cpu_compat()
+    return on_gpu
 
+
+def load_tokenizer(cfg: DictConfig):
+    """NeMo's wrapper around the HF tokenizer of ``tokenizer.path``, with the run's chat template."""
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+
+    from nemo_dft.tiny_model import tiny_tokenizer_dir
+
+    tokenizer = AutoTokenizer(str(cfg.tokenizer.path or tiny_tokenizer_dir()), use_fast=True)
+    apply_chat_template_setting(cfg, tokenizer.tokenizer)
+    return tokenizer
+
+
+def make_gpt_config(cfg: DictConfig, on_gpu: bool):
+    from nemo_dft.model_config import build_gpt_config
+
+    overrides = model_config_overrides(cfg)
+    overrides.setdefault("seq_length", cfg.data.max_length)
+    return build_gpt_config(
+        cfg.model.arch,
+        overrides,
+        precision=cfg.model.precision,
+        tensor_parallel=cfg.model.tensor_model_parallel_size,
+        pipeline_parallel=cfg.model.pipeline_model_parallel_size,
+        context_parallel=cfg.model.context_parallel_size,
+        on_cpu=not on_gpu,
+    )
+
+
+def make_strategy(cfg: DictConfig, gpt_config, on_gpu: bool):
     from megatron.core.distributed import DistributedDataParallelConfig
+
+    from nemo_dft.strategy import DFTMegatronStrategy
+
+    return DFTMegatronStrategy(
+        tensor_model_parallel_size=cfg.model.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.model.pipeline_model_parallel_size,
+        context_parallel_size=cfg.model.context_parallel_size,
+        pipeline_dtype=gpt_config.params_dtype,
+        ddp=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        ),
+        process_group_backend=None if on_gpu else "gloo",
+        ckpt_async_save=False,
+        ckpt_parallel_load=False,
+        save_ckpt_format="torch_dist",
+    )
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Run (or resume) DFT training as configured; returns a summary for rank 0 to print."""
+    started = time.perf_counter()
+    on_gpu = enable_device(cfg)
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl
     from nemo.collections import llm
-    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
     from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
 
     from nemo_dft.callbacks import MetricsJsonl
     from nemo_dft.loss_reduction import DFTHyperParameters
     from nemo_dft.model import DFTModel
-    from nemo_dft.model_config import build_gpt_config
     from nemo_dft.preemption import PreemptionStop, parse_signals
-    from nemo_dft.strategy import DFTMegatronStrategy
-    from nemo_dft.tiny_model import tiny_tokenizer_dir
 
     run_dir = Path(cfg.run.dir).resolve()
-    tokenizer_dir = str(cfg.tokenizer.path or tiny_tokenizer_dir())
-    tokenizer = AutoTokenizer(tokenizer_dir, use_fast=True)
-    apply_chat_template_setting(cfg, tokenizer.tokenizer)
+    tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg, tokenizer.tokenizer)
+    if not cfg.dft.ref_free and cfg.dft.reference == "offline":
+        attach_offline_reference(cfg, train_ds, tokenizer.tokenizer)
     max_steps = resolve_max_steps(cfg, train_ds)
     gbs = cfg.model.global_batch_size
     dp = data_parallel_size(cfg)
@@ -138,17 +198,7 @@ def train(cfg: DictConfig) -> TrainResult:
                 f"data.eval_path: {len(eval_ds)} held-out prompts are fewer than one global batch ({gbs})"
             )
 
-    model_overrides = model_config_overrides(cfg)
-    model_overrides.setdefault("seq_length", cfg.data.max_length)
-    gpt_config = build_gpt_config(
-        cfg.model.arch,
-        model_overrides,
-        precision=cfg.model.precision,
-        tensor_parallel=cfg.model.tensor_model_parallel_size,
-        pipeline_parallel=cfg.model.pipeline_model_parallel_size,
-        context_parallel=cfg.model.context_parallel_size,
-        on_cpu=not on_gpu,
-    )
+    gpt_config = make_gpt_config(cfg, on_gpu)
     optim = MegatronOptimizerModule(
         config=OptimizerConfig(
             optimizer="adam",
@@ -173,7 +223,8 @@ def train(cfg: DictConfig) -> TrainResult:
     model = DFTModel(
         gpt_config,
         dft=DFTHyperParameters(
-            tau=cfg.dft.tau, gamma=cfg.dft.gamma, num_negatives=cfg.dft.num_negatives, ref_free=cfg.dft.ref_free
+            tau=cfg.dft.tau, gamma=cfg.dft.gamma, num_negatives=cfg.dft.num_negatives, ref_free=cfg.dft.ref_free,
+            reference=cfg.dft.reference,
         ),
         num_train_examples=train_ds.num_examples,
         u_init=cfg.dft.u_init,
@@ -191,19 +242,7 @@ def train(cfg: DictConfig) -> TrainResult:
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
         fixed_length=cfg.model.pipeline_model_parallel_size > 1,
     )
-    strategy = DFTMegatronStrategy(
-        tensor_model_parallel_size=cfg.model.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.model.pipeline_model_parallel_size,
-        context_parallel_size=cfg.model.context_parallel_size,
-        pipeline_dtype=gpt_config.params_dtype,
-        ddp=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
-        ),
-        process_group_backend=None if on_gpu else "gloo",
-        ckpt_async_save=False,
-        ckpt_parallel_load=False,
-        save_ckpt_format="torch_dist",
-    )
+    strategy = make_strategy(cfg, gpt_config, on_gpu)
     metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar)
     preemption = PreemptionStop(parse_signals(list(cfg.trainer.preemption_signals)))
     val_interval = cfg.trainer.val_check_interval or max_steps

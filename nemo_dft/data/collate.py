@@ -24,9 +24,9 @@ def collate_groups(
     Returns ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` of shape [R, S] (inputs are
     sequence[:-1], labels sequence[1:], the mask covers response tokens only), plus
     ``example_index`` [B], ``epoch`` [B], ``group_index`` [R] and ``lengths`` [R] (unpadded
-    input lengths).  ``pad_to`` fixes S (pipeline
-    parallel needs one shape for every micro-batch); otherwise S is the longest row rounded up
-    to ``pad_multiple``.
+    input lengths), and ``ref_neg_logps`` [B, m] when the groups carry offline reference values.
+    ``pad_to`` fixes S (pipeline parallel needs one shape for every micro-batch); otherwise S is
+    the longest row rounded up to ``pad_multiple``.
     """
     sequences: list[list[int]] = []
     prompt_lengths: list[int] = []
@@ -50,7 +50,7 @@ def collate_groups(
         labels[r, :n] = torch.tensor(seq[1:])
         # label t predicts token t+1; it is a response token when t+1 >= prompt length
         loss_mask[r, max(prompt_len - 1, 0) : n] = 1.0
-    return {
+    batch = {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": loss_mask,
@@ -60,3 +60,6 @@ def collate_groups(
         "group_index": torch.tensor(group_index, dtype=torch.long),
         "lengths": torch.tensor([len(s) - 1 for s in sequences], dtype=torch.long),
     }
+    if "ref_neg_logps" in items[0]:  # offline reference log-probs of each group's negatives
+        batch["ref_neg_logps"] = torch.stack([item["ref_neg_logps"] for item in items])
+    return batch

@@ -67,6 +67,7 @@ class DFTGroupDataset(torch.utils.data.Dataset):
         validate_dft_rows(rows, source, settings.negatives_needed)
         self.settings = settings
         self.source = source
+        self.reference_logps: torch.Tensor | None = None
         self.example_ids: list[Any] = [row.get(ID_COLUMN, i) for i, row in enumerate(rows)]
         columns = [POSITIVE_COLUMN] + [negative_column(k) for k in range(settings.negatives_needed)]
         self._pairs: list[dict[str, TokenizedPair]] = []
@@ -96,6 +97,14 @@ class DFTGroupDataset(torch.utils.data.Dataset):
             )
         self.num_truncated = truncated
 
+    def attach_reference(self, table: torch.Tensor) -> None:
+        """Offline reference log-probs, [examples, epochs with distinct negatives, m]; each group
+        then carries its negatives' values as ``ref_neg_logps``."""
+        expected_epochs = self.settings.num_epochs if self.settings.per_epoch_negatives else 1
+        if tuple(table.shape) != (self.num_examples, expected_epochs, self.settings.num_negatives):
+            raise ValueError(f"reference table of shape {tuple(table.shape)} does not fit {self.source}")
+        self.reference_logps = table
+
     @property
     def num_examples(self) -> int:
         return len(self._pairs)
@@ -114,7 +123,10 @@ class DFTGroupDataset(torch.utils.data.Dataset):
         grouped = truncate_group(
             [self._pairs[index][c] for c in columns], self.settings.max_length, self.settings.max_prompt_length
         )
-        return {"index": index, "epoch": epoch, "pairs": grouped.pairs, "truncated": grouped.truncated}
+        group = {"index": index, "epoch": epoch, "pairs": grouped.pairs, "truncated": grouped.truncated}
+        if self.reference_logps is not None:
+            group["ref_neg_logps"] = self.reference_logps[index, epoch if self.settings.per_epoch_negatives else 0]
+        return group
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         return self.group(item)

@@ -1,0 +1,181 @@
+"""The paper recipes in conf/: they load and validate, carry the paper's hyper-parameters, and their
+parallel layout is valid and fits on nodes of 8 x 80 GB GPUs.
+
+The expected values are the paper's, copied from the shared reference dft-algorithm.md ("Reference
+paper recipes"), not read from the YAML files under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_dft.config import load_config
+from nemo_dft.tiny_task import ASSET_DIR
+
+from .tools import REPO
+
+# dft-algorithm.md: Mistral-7B-v0.1 base, 2 epochs, lr 2e-6 cosine, warmup 0.1, global batch 128
+# prompts, m = 2, bf16; u starts at 0; per-epoch negatives ("sample" mode) on by default.
+PAPER_COMMON = {
+    "model.arch": "mistral",
+    "model.preset": None,
+    "optim.lr": 2e-6,
+    "optim.warmup_ratio": 0.1,
+    "data.num_epochs": 2,
+    "model.global_batch_size": 128,
+    "dft.num_negatives": 2,
+    "model.precision": "bf16",
+    "dft.u_init": 0.0,
+    "dft.per_epoch_negatives": True,
+}
+PAPER_DFT = {"dft.tau": 1.0, "dft.gamma": 0.85, "dft.ref_free": False, "dft.reference": "frozen"}
+PAPER_DFT2 = {"dft.tau": 0.3, "dft.gamma": 0.9, "dft.ref_free": True}
+# UltraFeedback: max_length 1024, max_prompt_length 512, the zephyr-style training template.
+PAPER_ULTRAFEEDBACK = {"data.max_length": 1024, "data.max_prompt_length": 512, "tokenizer.chat_template": "zephyr"}
+# MetaMath: Alpaca-style prompt, 256-token negatives.
+PAPER_METAMATH = {"tokenizer.chat_template": "alpaca"}
+METAMATH_NEGATIVE_TOKENS = 256
+
+RECIPES = {
+    "dft_mistral.yaml": {**PAPER_COMMON, **PAPER_DFT, **PAPER_ULTRAFEEDBACK},
+    "dft2_mistral.yaml": {**PAPER_COMMON, **PAPER_DFT2, **PAPER_ULTRAFEEDBACK},
+    "dft_metamath.yaml": {**PAPER_COMMON, **PAPER_DFT, **PAPER_METAMATH},
+}
+# The negatives each recipe trains on come from this generation config.
+GENERATION_CONFIGS = {
+    "dft_mistral.yaml": ["generate_negatives.yaml"],
+    "dft2_mistral.yaml": ["generate_negatives.yaml"],
+    "dft_metamath.yaml": ["generate_negatives.yaml", "generate_negatives_metamath.yaml"],
+}
+
+# Mistral-7B-v0.1 as published (its HF config.json): the shape NeMo's MistralConfig7B stands for.
+MISTRAL_7B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "ffn": 14336, "vocab": 32000}
+GPUS_PER_NODE = 8
+GPU_MEMORY_BYTES = 80e9
+# Megatron mixed precision without the distributed optimizer: bf16 weights 2, fp32 main weights 4,
+# Adam moments 8, fp32 gradient buffer 4 bytes per parameter; a frozen bf16 reference adds 2.
+TRAINING_BYTES_PER_PARAMETER = 18
+REFERENCE_BYTES_PER_PARAMETER = 2
+# Share of a GPU the static state may take, so that activations of a micro-batch still fit.
+STATIC_MEMORY_SHARE = 0.6
+
+
+def site_overrides() -> list[str]:
+    """Only the site-specific paths change: the embedded tiny task stands in for the real data."""
+    return [f"data.path={ASSET_DIR / 'train.jsonl'}", f"data.eval_path={ASSET_DIR / 'heldout.jsonl'}"]
+
+
+def load_recipe(name: str, extra: list[str] | None = None) -> DictConfig:
+    return load_config(REPO / "conf" / name, site_overrides() + (extra or []))
+
+
+def uses_frozen_reference(cfg: DictConfig) -> bool:
+    return not cfg.dft.ref_free and cfg.dft.reference == "frozen"
+
+
+def mistral_7b_parameters() -> int:
+    shape = MISTRAL_7B
+    head_dim = shape["hidden"] // shape["heads"]
+    attention = shape["hidden"] * (shape["hidden"] + 2 * shape["kv_heads"] * head_dim) + shape["hidden"] ** 2
+    mlp = 3 * shape["hidden"] * shape["ffn"]  # SwiGLU: gate, up, down
+    per_layer = attention + mlp + 2 * shape["hidden"]  # two RMSNorms
+    return shape["layers"] * per_layer + 2 * shape["vocab"] * shape["hidden"] + shape["hidden"]  # untied
+
+
+def test_parameter_count_matches_the_published_size() -> None:
+    assert mistral_7b_parameters() == pytest.approx(7.24e9, rel=0.005)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_loads_and_has_the_paper_values(name: str) -> None:
+    cfg = load_recipe(name)
+    for key, expected in RECIPES[name].items():
+        actual = OmegaConf.select(cfg, key)
+        assert actual == (pytest.approx(expected) if isinstance(expected, float) else expected), (
+            f"{name}: {key} is {actual!r}, the paper's value is {expected!r}"
+        )
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_cosine_schedule_decays_below_the_peak(name: str) -> None:
+    cfg = load_recipe(name)
+    assert 0.0 <= cfg.optim.min_lr < cfg.optim.lr
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_cluster_settings(name: str) -> None:
+    """Checkpoints during the run, preemption signals on, GPU-only model paths set."""
+    cfg = load_recipe(name)
+    assert cfg.checkpoint.every_n_steps > 0
+    assert {"SIGTERM", "SIGUSR1"} <= set(cfg.trainer.preemption_signals)
+    assert cfg.trainer.devices == GPUS_PER_NODE
+    assert cfg.model.init_from and cfg.tokenizer.path
+    assert cfg.model.fp8 is None  # the paper trained in bf16
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("nodes", [1, 2, 4, 8, 16])
+def test_layout_is_valid_on_8_gpu_nodes(name: str, nodes: int) -> None:
+    cfg = load_recipe(name, [f"trainer.devices={GPUS_PER_NODE}", f"trainer.num_nodes={nodes}"])
+    m = cfg.model
+    model_parallel = m.tensor_model_parallel_size * m.pipeline_model_parallel_size
+    assert (GPUS_PER_NODE * nodes) % model_parallel == 0, "world size not divisible by TP x PP"
+    data_parallel = GPUS_PER_NODE * nodes // model_parallel
+    assert m.global_batch_size % (m.micro_batch_size * data_parallel) == 0, (
+        f"{nodes} node(s): {m.global_batch_size} prompts do not split into micro-batches of "
+        f"{m.micro_batch_size} x DP {data_parallel}"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_layout_shards_the_7b_model_evenly_and_fits_in_memory(name: str) -> None:
+    cfg = load_recipe(name)
+    tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
+    assert MISTRAL_7B["heads"] % tp == 0 and MISTRAL_7B["kv_heads"] % tp == 0
+    assert MISTRAL_7B["layers"] % pp == 0
+    bytes_per_parameter = TRAINING_BYTES_PER_PARAMETER
+    if uses_frozen_reference(cfg):
+        bytes_per_parameter += REFERENCE_BYTES_PER_PARAMETER
+    static = mistral_7b_parameters() * bytes_per_parameter / (tp * pp)
+    assert static <= STATIC_MEMORY_SHARE * GPU_MEMORY_BYTES, f"{static / 1e9:.0f} GB of static state per GPU"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_frozen_reference_runs_without_pipeline_parallelism(name: str) -> None:
+    cfg = load_recipe(name)
+    if uses_frozen_reference(cfg):
+        assert cfg.model.pipeline_model_parallel_size == 1
+
+
+def test_metamath_lengths_keep_256_token_negatives_whole() -> None:
+    cfg = load_recipe("dft_metamath.yaml")
+    # The Alpaca response is " " + sample + eos: up to two tokens beyond the sample.
+    assert cfg.data.max_length - cfg.data.max_prompt_length >= METAMATH_NEGATIVE_TOKENS + 2
+    assert cfg.data.max_prompt_length > 0
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_generation_config_gives_enough_negatives_that_fit(name: str) -> None:
+    """The negatives the recipe reads: enough columns for m x epochs, and not cut by truncation."""
+    cfg = load_recipe(name)
+    generation = OmegaConf.create()
+    for file in GENERATION_CONFIGS[name]:
+        generation = OmegaConf.merge(generation, OmegaConf.load(REPO / "conf" / file))
+    assert generation.sampling.n >= cfg.dft.num_negatives * cfg.data.num_epochs
+    assert generation.sampling.max_new_tokens + 2 <= cfg.data.max_length - cfg.data.max_prompt_length
+    if name == "dft_metamath.yaml":
+        assert generation.sampling.max_new_tokens == METAMATH_NEGATIVE_TOKENS
+
+
+@pytest.mark.parametrize("name", ["dft_mistral.yaml", "dft_metamath.yaml"])
+def test_offline_reference_alternative_validates(name: str, tmp_path: Path) -> None:
+    """The alternative the recipes name: dft.reference=offline with a precomputed file, any PP."""
+    ref_logps = tmp_path / "ref_logps.parquet"
+    ref_logps.write_bytes(b"")
+    cfg = load_recipe(
+        name, ["dft.reference=offline", f"dft.ref_logps={ref_logps}", "model.pipeline_model_parallel_size=2"]
+    )
+    assert cfg.dft.reference == "offline" and cfg.model.init_from
