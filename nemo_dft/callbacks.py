@@ -69,6 +69,7 @@ class MetricsJsonl(pl.Callback):
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": values["tokens"] / elapsed,
+            "step_s": elapsed,
         }
         self.history.append(record)
         pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)

@@ -1,0 +1,1 @@
+"""Reference log-probs for reference-based DFT: fingerprinted offline files and their scoring pass."""
