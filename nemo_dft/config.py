@@ -51,7 +51,8 @@ class ModelConfig:
     fp8_amax_compute_algo: str = "max"
     fp8_param: bool = False
     # tiny: the embedded demo's shape under model.config; null: the architecture's own config
-    # (e.g. NeMo's MistralConfig7B), which the paper recipes use.
+    # (e.g. NeMo's MistralConfig7B), which the paper recipes use; checkpoint: the config stored in
+    # model.init_from (architecture and sizes of whatever model it holds; model.arch is not used).
     preset: str | None = "tiny"
     config: dict[str, Any] = field(default_factory=dict)  # overrides of NeMo GPT config fields
 
@@ -175,7 +176,10 @@ def validate(cfg: DictConfig) -> None:
     _require(m.context_parallel_size == 1, "model.context_parallel_size",
              "context parallelism is not supported for DFT yet (sequences are short and whole groups "
              "must stay on one rank)")
-    _require(m.preset in (None, "tiny"), "model.preset", f"{m.preset!r} is not 'tiny' or null")
+    _require(m.preset in (None, "tiny", "checkpoint"), "model.preset",
+             f"{m.preset!r} is not 'tiny', 'checkpoint' or null")
+    _require(m.preset != "checkpoint" or m.init_from is not None, "model.preset",
+             "'checkpoint' takes the architecture from model.init_from, which is not set")
     layers = model_config_overrides(cfg).get("num_layers")
     if layers is not None:
         _require(m.pipeline_model_parallel_size <= layers, "model.pipeline_model_parallel_size",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from nemo.collections import llm
@@ -27,13 +28,15 @@ def build_gpt_config(
     pipeline_parallel: int,
     context_parallel: int,
     on_cpu: bool,
+    base: llm.GPTConfig | None = None,
 ) -> llm.GPTConfig:
-    """The NeMo config of ``arch`` with ``overrides`` (sizes, seq_length, ...) applied."""
-    if arch not in ARCHITECTURES:
+    """The NeMo config of ``arch`` (or a copy of ``base``, e.g. a checkpoint's own config) with
+    ``overrides`` (sizes, seq_length, ...) and the run's precision and layout applied."""
+    if base is None and arch not in ARCHITECTURES:
         raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"model.precision: {precision!r} is not one of {sorted(PRECISION_DTYPES)}")
-    config_cls = ARCHITECTURES[arch]
+    config_cls = type(base) if base is not None else ARCHITECTURES[arch]
     known = set(config_cls.__dataclass_fields__)
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -49,5 +52,18 @@ def build_gpt_config(
         "context_parallel_size": context_parallel,
     }
     values.update(overrides)
-    config = config_cls(**values)
+    config = dataclasses.replace(base, **values) if base is not None else config_cls(**values)
     return apply_cpu_model_overrides(config) if on_cpu else config
+
+
+def checkpoint_gpt_config(checkpoint: str) -> llm.GPTConfig:
+    """The GPT config stored in a NeMo 2 checkpoint's ``context/`` (architecture and sizes)."""
+    from nemo.lightning import io
+
+    try:
+        config = io.load_context(str(checkpoint), subpath="model.config")
+    except Exception as err:  # NeMo raises several types for a missing or foreign context
+        raise ValueError(f"model.init_from: cannot read the model config of {checkpoint}/context ({err})") from err
+    if not isinstance(config, llm.GPTConfig):
+        raise ValueError(f"model.init_from: {checkpoint} holds a {type(config).__name__}, not a NeMo GPT config")
+    return config

@@ -133,13 +133,20 @@ def load_tokenizer(cfg: DictConfig):
 
 
 def make_gpt_config(cfg: DictConfig, on_gpu: bool):
-    from nemo_dft.model_config import build_gpt_config
+    """The NeMo GPT config of the run: the preset's (tiny, the architecture's own, or the one stored
+    in ``model.init_from``), with ``model.config`` overrides, precision and layout."""
+    from nemo_dft.model_config import build_gpt_config, checkpoint_gpt_config
 
     overrides = model_config_overrides(cfg)
     overrides.setdefault("seq_length", cfg.data.max_length)
+    try:
+        base = checkpoint_gpt_config(cfg.model.init_from) if cfg.model.preset == "checkpoint" else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return build_gpt_config(
         cfg.model.arch,
         overrides,
+        base=base,
         precision=cfg.model.precision,
         tensor_parallel=cfg.model.tensor_model_parallel_size,
         pipeline_parallel=cfg.model.pipeline_model_parallel_size,

@@ -1,7 +1,7 @@
 """Train a model with Discriminative Fine-Tuning (DFT / DFT2) on NeMo/Megatron.
 
 With no arguments it trains the embedded tiny default: a tiny Mistral-architecture model on the
-copy/reverse task shipped in nemo_dft/assets, on CPU, and prints a summary.
+copy task shipped in nemo_dft/assets, on CPU, and prints a summary.
 
 Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_size=2):
   run.dir, run.seed                        output directory (metrics.jsonl, checkpoints), seed
@@ -9,13 +9,17 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   trainer.max_steps                        default: all epochs of data.num_epochs
   model.arch                               mistral | llama | gpt
   model.init_from                          NeMo checkpoint with the initial weights (default: random init)
+  model.preset                             tiny (the demo shape) | null (the architecture's own, e.g. Mistral-7B)
   model.tensor_model_parallel_size, model.pipeline_model_parallel_size
   model.micro_batch_size, model.global_batch_size   counted in prompts (1 + m sequences each)
   model.precision                          fp32 | bf16 | fp16
+  model.fp8, model.fp8_recipe              null | hybrid | e4m3; delayed | tensorwise | blockwise | mxfp8 (GPU, TE)
   model.config.<field>                     any field of the NeMo GPT config (num_layers, hidden_size, ...)
-  tokenizer.path                           HF tokenizer directory with a chat template
+  tokenizer.path                           HF tokenizer directory
+  tokenizer.chat_template                  null (the tokenizer's own) | zephyr | alpaca | a Jinja template
   optim.lr, optim.min_lr, optim.warmup_ratio, optim.weight_decay, optim.clip_grad
   dft.num_negatives, dft.tau, dft.gamma, dft.u_init, dft.ref_free, dft.per_epoch_negatives
+  dft.reference, dft.ref_logps             frozen (on the fly) | offline (file from precompute_ref_logps.py)
   data.path, data.eval_path, data.num_epochs, data.max_length, data.max_prompt_length
   checkpoint.every_n_steps                 0: only at the end; a rerun with the same run.dir resumes
   trainer.preemption_signals               default [SIGTERM, SIGUSR1]: checkpoint after the step, exit 75
@@ -38,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="YAML file merged over the defaults (e.g. conf/dft_tiny.yaml)")
+    parser.add_argument("--config", help="YAML over the defaults, e.g. conf/dft_mistral.yaml")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser.parse_args(argv)

@@ -91,11 +91,13 @@ def test_scores_match_an_hf_forward_pass(setup):
             assert scores[key] == pytest.approx(expected, rel=1e-5, abs=1e-4), key
 
 
-def test_tensor_parallel_scores_match(setup):
-    tp2 = setup["root"] / "tp2.parquet"
-    ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={tp2}",
-              "trainer.devices=2", "model.tensor_model_parallel_size=2", "model.micro_batch_size=8", nproc=2))
-    ours, reference = read_scores(tp2), read_scores(setup["tp1"])
+@pytest.mark.parametrize("layout", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2",
+                                    "model.micro_batch_size=4"], ids=["tp2", "pp2", "dp2"])
+def test_parallel_layouts_score_alike(setup, layout, tmp_path):
+    scored = tmp_path / "scores.parquet"
+    ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={scored}",
+              "trainer.devices=2", "model.micro_batch_size=8", layout, nproc=2))
+    ours, reference = read_scores(scored), read_scores(setup["tp1"])
     assert ours.keys() == reference.keys() and len(ours) == 512 * 2 * 3
     keys = sorted(reference)
     torch.testing.assert_close(torch.tensor([ours[k] for k in keys]), torch.tensor([reference[k] for k in keys]),
@@ -108,12 +110,18 @@ def test_offline_training_matches_frozen_reference(setup):
     ok(script("train_dft.py", f"run.dir={root / 'frozen'}", *TRAIN, init))
     ok(script("train_dft.py", f"run.dir={root / 'offline'}", *TRAIN, init, "dft.reference=offline",
               f"dft.ref_logps={setup['tp1']}"))
-    frozen, offline = metrics(root / "frozen"), metrics(root / "offline")
-    assert len(frozen) == len(offline) == 4
-    for key in ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([m[key] for m in offline]), torch.tensor([m[key] for m in frozen]),
-                                   rtol=1e-5, atol=1e-5, msg=key)
-    assert not (root / "offline" / "reference").exists()  # no frozen copy was made
+    # the offline file also serves pipeline parallelism, which the frozen reference does not
+    ok(script("train_dft.py", f"run.dir={root / 'offline_pp2'}", *TRAIN, init, "dft.reference=offline",
+              f"dft.ref_logps={setup['tp1']}", "trainer.devices=2", "model.pipeline_model_parallel_size=2", nproc=2))
+    frozen = metrics(root / "frozen")
+    assert len(frozen) == 4
+    for run in ("offline", "offline_pp2"):
+        offline = metrics(root / run)
+        for key in ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "grad_norm"):
+            torch.testing.assert_close(torch.tensor([m[key] for m in offline]),
+                                       torch.tensor([m[key] for m in frozen]), rtol=1e-5, atol=1e-5,
+                                       msg=f"{run}: {key}")
+        assert not (root / run / "reference").exists()  # no frozen copy was made
 
 
 def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path):

@@ -67,3 +67,19 @@ def test_invalid_config_fails_before_training(tmp_path):
     result = train(tmp_path, "trainer.max_steps=100000")
     assert result.returncode == 2 and "trainer.max_steps" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_preset_checkpoint_takes_the_architecture_from_init_from(tmp_path):
+    from nemo_dft.model_config import checkpoint_gpt_config
+
+    common = ["trainer.max_steps=1", "data.num_epochs=1", "data.eval_path=null", "model.global_batch_size=8"]
+    result = train(tmp_path / "three_layers", *common, "model.config.num_layers=3")
+    assert result.returncode == 0, result.stderr[-6000:]
+    [init] = sorted((tmp_path / "three_layers" / "checkpoints").glob("*-last"))
+    # the default (tiny, 2 layers) does not describe that checkpoint; the checkpoint's own config does
+    mismatched = train(tmp_path / "tiny", *common, f"model.init_from={init}")
+    assert mismatched.returncode != 0
+    result = train(tmp_path / "from_checkpoint", *common, "model.preset=checkpoint", f"model.init_from={init}")
+    assert result.returncode == 0, result.stderr[-6000:]
+    [last] = sorted((tmp_path / "from_checkpoint" / "checkpoints").glob("*-last"))
+    assert checkpoint_gpt_config(str(last)).num_layers == 3
