@@ -124,7 +124,10 @@ def test_offline_training_matches_frozen_reference(setup):
         assert not (root / run / "reference").exists()  # no frozen copy was made
 
 
-def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "preempted"])
+def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path, stop):
+    """Killed, or stopped by the scheduler's signal (exit 75, shards flushed): the rerun completes
+    the same file."""
     output = tmp_path / "resumed.parquet"
     command = script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={output}",
                      "model.micro_batch_size=8", "groups_per_shard=64")
@@ -136,8 +139,9 @@ def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path):
         assert process.poll() is None, "the pass ended before its first shard"
         assert time.time() < deadline, "no shard appeared"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    os.killpg(process.pid, stop)
+    code = process.wait(timeout=300)
+    assert code == (75 if stop == signal.SIGTERM else -signal.SIGKILL)
     assert not output.exists()
     result = ok(command)
     summary = json.loads(result.stdout.split("reference log-probs: ", 1)[1])
