@@ -44,7 +44,7 @@ class ModelConfig:
     global_batch_size: int = 8  # prompts
     precision: str = "fp32"  # fp32 | bf16 | fp16
     # FP8 through Transformer Engine (GPU only): null | hybrid | e4m3, and the scaling recipe:
-    # delayed | tensorwise | mxfp8 | blockwise.  See nemo_dft/fp8.py.
+    # delayed | tensorwise | mxfp8 | blockwise.  See nemo_dft/precision.py.
     fp8: str | None = None
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
@@ -157,7 +157,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from err
     from nemo_dft.precision import static_errors
 
-    for key, problem in static_errors(cfg.model):
+    errors = static_errors(cfg.model)
+    if errors:
+        key, problem = errors[0]
         raise ConfigError(f"{key}: {problem}")
     m = cfg.model
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,3 +34,15 @@ def load_structured(schema: type, config_file: str | Path | None, overrides: lis
         where = f" in {config_file}" if config_file else ""
         raise ConfigError(f"invalid configuration{where}: {err}") from err
     return cfg  # type: ignore[return-value]
+
+
+def config_argument_parser(description: str, epilog: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line every config-driven script shares: ``[--config FILE] [--print-config]
+    [key=value ...]``, with ``epilog`` (the main keys) kept as written."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file merged over the defaults")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser

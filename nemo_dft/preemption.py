@@ -17,9 +17,9 @@ import logging
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+
+from nemo_dft.parallel import any_rank
 
 logger = logging.getLogger(__name__)
 
@@ -37,43 +37,49 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
     return parsed
 
 
+class SignalLatch:
+    """Remembers that one of ``signals`` arrived; the handler only records it, so the work it
+    interrupts (a step, a collective) finishes and the caller acts at a safe point."""
+
+    def __init__(self, signals: list[signal.Signals]) -> None:
+        self.signals = signals
+        self.received = False
+        self._previous: dict[signal.Signals, object] = {}
+
+    def install(self) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._record)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.received:
+            logger.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
+        self.received = True
+
+
 class PreemptionStop(Callback):
     """Stops training after the step during which any rank received one of ``signals``."""
 
     def __init__(self, signals: list[signal.Signals]) -> None:
-        self.signals = signals
-        self.requested = False  # this rank received a signal
-        self.preempted = False  # training stopped because some rank did
-        self._previous: dict[signal.Signals, object] = {}
-
-    def _record(self, signum: int, _frame: FrameType | None) -> None:
-        if not self.requested:
-            logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
-        self.requested = True
+        self.latch = SignalLatch(signals)
+        self.preempted = False  # training stopped because some rank received a signal
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Registered after Lightning's signal connector, so this handler replaces its SIGTERM one.
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._record)
+        self.latch.install()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._any_rank_requested():
+        if any_rank(self.latch.received):
             self.preempted = True
             trainer.should_stop = True
             _save_last_checkpoint(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _any_rank_requested(self) -> bool:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self.requested
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.latch.restore()
 
 
 def _save_last_checkpoint(trainer) -> None:

@@ -49,9 +49,9 @@ def apply_chat_template_setting(cfg: DictConfig, hf_tokenizer) -> None:
         raise ConfigError(str(err)) from err
 
 
-def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGroupDataset | None]:
-    """The training groups, and the held-out groups (one pass, negatives 0..m-1, fixed order)."""
-    settings = GroupSettings(
+def group_settings(cfg: DictConfig) -> GroupSettings:
+    """How the training rows become groups (negatives, truncation, epochs, order)."""
+    return GroupSettings(
         num_negatives=cfg.dft.num_negatives,
         max_length=cfg.data.max_length,
         max_prompt_length=cfg.data.max_prompt_length,
@@ -61,6 +61,11 @@ def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGrou
         seed=cfg.run.seed,
         add_bos=cfg.data.add_bos,
     )
+
+
+def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGroupDataset | None]:
+    """The training groups, and the held-out groups (one pass, negatives 0..m-1, fixed order)."""
+    settings = group_settings(cfg)
     train = DFTGroupDataset(read_rows(cfg.data.path), tokenizer, settings, source=str(cfg.data.path))
     if not cfg.data.eval_path:
         return train, None

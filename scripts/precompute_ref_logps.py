@@ -28,15 +28,10 @@ EXTRA_KEYS = ("output", "groups_per_shard")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", help="training YAML merged over the defaults (e.g. conf/dft_mistral.yaml)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser.parse_args(argv)
+    from nemo_dft.config_loading import config_argument_parser
+
+    description, epilog = __doc__.split("\n\n", 1)
+    return config_argument_parser(description, epilog).parse_args(argv)
 
 
 def split_extra(overrides: list[str]) -> tuple[dict[str, str], list[str]]:

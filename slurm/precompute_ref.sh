@@ -24,19 +24,13 @@
 #SBATCH --signal=USR1@300
 set -euo pipefail
 
-# ---- site-specific settings: edit here or export before sbatch (it passes the environment on) -------
-: "${CONTAINER_IMAGE:=/lustre/images/nemo_dft.sqsh}"  # training image: enroot .sqsh file or registry name
-: "${SITE_ROOT:=/lustre/${USER:-$(id -un)}/dft}"     # default parent of the three directories below
-: "${DATA_DIR:=${SITE_ROOT}/data}"                   # host directory mounted at /data (recipe: data.path)
-: "${CHECKPOINT_DIR:=${SITE_ROOT}/checkpoints}"      # mounted at /checkpoints (model.init_from, tokenizer.path)
-: "${RUNS_DIR:=${SITE_ROOT}/runs}"                   # mounted at /runs (the output below)
-# src:dst pairs, comma-separated; add <checkout>:/opt/nemo_dft to run a checkout instead of the image's copy.
-: "${CONTAINER_MOUNTS:=${DATA_DIR}:/data,${CHECKPOINT_DIR}:/checkpoints,${RUNS_DIR}:/runs}"
-: "${CODE_DIR:=/opt/nemo_dft}"                       # nemo_dft inside the container: the working directory
+: "${REPO_DIR:=${SLURM_SUBMIT_DIR:-${PWD}}}"         # this checkout on the host (slurm/site.sh, slurm/lib/)
+# Site settings (image, mounts, directories, GPUs per node): slurm/site.sh.
+# shellcheck source-path=SCRIPTDIR source=site.sh
+source "${REPO_DIR}/slurm/site.sh"
+# ---- this job: override by exporting before sbatch ----------------------------------------------------
 : "${RECIPE:=conf/dft_mistral.yaml}"                 # the training config that will read the file
 : "${REF_LOGPS:=/runs/ref-logps/dft-mistral.parquet}"  # output (container path); training: dft.ref_logps=
-: "${GPUS_PER_NODE:=${SLURM_NTASKS_PER_NODE:-8}}"    # one task per GPU: follows --ntasks-per-node
-: "${REPO_DIR:=${SLURM_SUBMIT_DIR:-${PWD}}}"         # this checkout on the host (for slurm/lib/launch.sh)
 # ------------------------------------------------------------------------------------------------------
 
 # shellcheck source-path=SCRIPTDIR source=lib/launch.sh

@@ -39,14 +39,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def script_command(script: str | Path, *args: str, nproc: int = 1) -> list[str]:
+    """``python script args``, under torchrun on ``nproc`` local processes when ``nproc`` > 1."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+                     f"--master-port={free_port()}"]
+    return [*launcher, str(script), *args]
+
+
 def torchrun(script: Path, args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun on ``nproc`` local CPU processes; fail with its output."""
-    env = subprocess_env()
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args,
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    command = script_command(script, *args, nproc=nproc)
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if result.returncode != 0:
         pytest.fail(f"{script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result

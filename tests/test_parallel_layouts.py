@@ -12,13 +12,12 @@ the test uses eps = 1e-4 to compare what the layouts compute rather than that am
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import free_port, run_child
+from tests.conftest import run_child, script_command
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +38,7 @@ LAYOUTS = {
 
 
 def launch(run_dir: Path, nproc: int, *overrides: str) -> None:
-    command = [sys.executable, "scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides]
-    if nproc > 1:
-        command[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-                        f"--master-port={free_port()}"]
-    result = run_child(command)
+    result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides, nproc=nproc))
     assert result.returncode == 0, f"{run_dir.name}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, run_child, subprocess_env
+from tests.conftest import REPO, run_child, script_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +26,7 @@ TRAIN = [*COMMON, "trainer.max_steps=4", "model.global_batch_size=8"]
 
 
 def script(name: str, *args: str, nproc: int = 1) -> list[str]:
-    command = [sys.executable, f"scripts/{name}", *args]
-    if nproc > 1:
-        command[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-                        f"--master-port={free_port()}"]
-    return command
+    return script_command(f"scripts/{name}", *args, nproc=nproc)
 
 
 def ok(command: list[str]) -> subprocess.CompletedProcess:
@@ -156,16 +152,10 @@ def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path, stop):
 def fingerprint_of(*overrides: str) -> dict[str, str]:
     from nemo_dft.config import load_config
     from nemo_dft.reference import fingerprint
-    from nemo_dft.train import apply_chat_template_setting
+    from nemo_dft.train import load_tokenizer
 
     cfg = load_config(None, [*COMMON, *overrides])
-    from transformers import AutoTokenizer
-
-    from nemo_dft.tiny_model import tiny_tokenizer_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer.path or tiny_tokenizer_dir()))
-    apply_chat_template_setting(cfg, tokenizer)
-    return fingerprint.for_run(cfg, tokenizer)
+    return fingerprint.for_run(cfg, load_tokenizer(cfg).tokenizer)
 
 
 def tiny_dataset():

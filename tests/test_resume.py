@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, run_child, subprocess_env
+from tests.conftest import REPO, run_child, script_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -105,8 +105,7 @@ def test_half_written_checkpoint_is_skipped(uninterrupted, tmp_path):
 
 
 def data_parallel_command(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}", "scripts/train_dft.py", f"run.dir={run_dir}", *ARGS, "trainer.devices=2"]
+    return script_command("scripts/train_dft.py", f"run.dir={run_dir}", *ARGS, "trainer.devices=2", nproc=2)
 
 
 def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):

@@ -46,11 +46,20 @@ class GroupSettings:
             raise ValueError(f"data.num_epochs must be >= 1, got {self.num_epochs}")
 
     @property
+    def distinct_epochs(self) -> int:
+        """Epochs whose groups differ: all of them with per-epoch negatives, else only the first."""
+        return self.num_epochs if self.per_epoch_negatives else 1
+
+    def negative_block(self, epoch: int) -> int:
+        """Which of the ``distinct_epochs`` negative blocks ``epoch`` uses."""
+        return epoch if self.per_epoch_negatives else 0
+
+    @property
     def negatives_needed(self) -> int:
-        return self.num_negatives * (self.num_epochs if self.per_epoch_negatives else 1)
+        return self.num_negatives * self.distinct_epochs
 
     def negative_columns(self, epoch: int) -> list[int]:
-        first = epoch * self.num_negatives if self.per_epoch_negatives else 0
+        first = self.negative_block(epoch) * self.num_negatives
         return list(range(first, first + self.num_negatives))
 
 
@@ -100,8 +109,7 @@ class DFTGroupDataset(torch.utils.data.Dataset):
     def attach_reference(self, table: torch.Tensor) -> None:
         """Offline reference log-probs, [examples, epochs with distinct negatives, m]; each group
         then carries its negatives' values as ``ref_neg_logps``."""
-        expected_epochs = self.settings.num_epochs if self.settings.per_epoch_negatives else 1
-        if tuple(table.shape) != (self.num_examples, expected_epochs, self.settings.num_negatives):
+        if tuple(table.shape) != (self.num_examples, self.settings.distinct_epochs, self.settings.num_negatives):
             raise ValueError(f"reference table of shape {tuple(table.shape)} does not fit {self.source}")
         self.reference_logps = table
 
@@ -125,7 +133,7 @@ class DFTGroupDataset(torch.utils.data.Dataset):
         )
         group = {"index": index, "epoch": epoch, "pairs": grouped.pairs, "truncated": grouped.truncated}
         if self.reference_logps is not None:
-            group["ref_neg_logps"] = self.reference_logps[index, epoch if self.settings.per_epoch_negatives else 0]
+            group["ref_neg_logps"] = self.reference_logps[index, self.settings.negative_block(epoch)]
         return group
 
     def __getitem__(self, item: int) -> dict[str, Any]:

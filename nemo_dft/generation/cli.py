@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_dft.config_loading import config_argument_parser
 from nemo_dft.data.io import DataFormatError
 from nemo_dft.generation.config import ConfigError, GenerationConfig, load_config
 from nemo_dft.generation.merge import MergeError
@@ -25,16 +26,8 @@ def _flat_defaults(node: Any, prefix: str = "") -> Iterator[str]:
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     defaults = "\n".join(_flat_defaults(OmegaConf.structured(GenerationConfig)))
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"keys and defaults (see conf/generate_negatives.yaml and docs/generation.md):\n{defaults}",
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML file merged over the defaults")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dotted overrides")
-    return parser
+    epilog = f"keys and defaults (see conf/generate_negatives.yaml and docs/generation.md):\n{defaults}"
+    return config_argument_parser(description, epilog, prog=prog)
 
 
 def main(

@@ -9,6 +9,7 @@ resumed pass reproduces the uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
@@ -22,13 +23,15 @@ from nemo.lightning.megatron_parallel import MegatronLossReduction
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
+from nemo_dft.data.dataset import DFTGroupDataset
 from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
 from nemo_dft.logprobs import sequence_logps
 from nemo_dft.loss_reduction import DFTHyperParameters
 from nemo_dft.model import DFTModel
+from nemo_dft.parallel import any_rank
+from nemo_dft.preemption import SignalLatch
 from nemo_dft.reference import store
-from nemo_dft.reference.table import expected_groups, scored_epochs
+from nemo_dft.reference.table import expected_groups
 
 logger = logging.getLogger(__name__)
 
@@ -119,25 +122,19 @@ class _ShardWriterCallback(Callback):
         self.writer: store.ShardWriter | None = None
         self.bar: tqdm | None = None
         self.written: set[store.GroupKey] = set()
-        self.signals = signals
-        self.requested = False
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _record(self, signum, _frame) -> None:
-        self.requested = True
+        self.latch = SignalLatch(signals)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if _is_writer():  # the parallel state exists from here on
             self.writer = store.ShardWriter(self.output, self.stamp, self.groups_per_shard)
             self.bar = tqdm(total=self.total, desc="scoring groups", unit="group")
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._record)
+        self.latch.install()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         for scored in pl_module.scored:
             self._write(scored)
         pl_module.scored.clear()
-        if _any_rank(self.requested):
+        if any_rank(self.latch.received):
             if self.writer is not None:
                 self.writer.flush()
             raise ScoringInterrupted()
@@ -146,8 +143,7 @@ class _ShardWriterCallback(Callback):
         if self.writer is not None:
             self.writer.flush()
         self.close_bar()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.latch.restore()
 
     def _write(self, scored: dict[str, torch.Tensor]) -> None:
         if self.writer is None:
@@ -174,15 +170,6 @@ class _ShardWriterCallback(Callback):
             self.bar.close()
 
 
-def _any_rank(flag: bool) -> bool:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def _is_writer() -> bool:
     from megatron.core import parallel_state as ps
 
@@ -193,14 +180,11 @@ def _is_writer() -> bool:
 def scoring_groups(cfg: DictConfig, hf_tokenizer) -> DFTGroupDataset:
     """The training groups of every epoch with distinct negatives, in file order (no shuffle)."""
     from nemo_dft.data.io import read_rows
+    from nemo_dft.train import group_settings
 
-    settings = GroupSettings(
-        num_negatives=cfg.dft.num_negatives, max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length,
-        # without per-epoch negatives every epoch has the same groups: score them once
-        num_epochs=cfg.data.num_epochs if cfg.dft.per_epoch_negatives else 1,
-        per_epoch_negatives=cfg.dft.per_epoch_negatives, shuffle=False, seed=cfg.run.seed, add_bos=cfg.data.add_bos,
-    )
+    training = group_settings(cfg)
+    # without per-epoch negatives every epoch has the same groups: they are scored once
+    settings = dataclasses.replace(training, num_epochs=training.distinct_epochs, shuffle=False)
     return DFTGroupDataset(read_rows(cfg.data.path), hf_tokenizer, settings, source=str(cfg.data.path))
 
 
@@ -257,7 +241,7 @@ def score(cfg: DictConfig, output: str | Path, groups_per_shard: int, signals: l
         _barrier()
     rows = 0
     if not dist.is_initialized() or dist.get_rank() == 0:
-        description = {"num_examples": groups.num_examples, "epochs": scored_epochs(groups),
+        description = {"num_examples": groups.num_examples, "epochs": groups.settings.distinct_epochs,
                        "num_negatives": cfg.dft.num_negatives}
         rows = store.merge(output, stamp, expected_groups(groups), description)
     _barrier()

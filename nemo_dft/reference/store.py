@@ -52,7 +52,8 @@ def read_file(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return pq.read_table(path).to_pylist(), metadata
 
 
-def _check_fingerprint(path: Path, metadata: dict[str, Any], expected: dict[str, str]) -> None:
+def check_fingerprint(path: str | Path, metadata: dict[str, Any], expected: dict[str, str]) -> None:
+    """Raise ValueError naming every component in which ``metadata``'s fingerprint differs."""
     names = fp.differences(expected, metadata.get("fingerprint", {}))
     if names:
         raise ValueError(fp.explain(path, names))
@@ -99,7 +100,7 @@ def completed_groups(output: str | Path, fingerprint: dict[str, str]) -> dict[Gr
             continue  # temporary files of an interrupted write
         rows, metadata = read_file(directory / name)
         try:
-            _check_fingerprint(directory / name, metadata, fingerprint)
+            check_fingerprint(directory / name, metadata, fingerprint)
         except ValueError as err:
             raise ValueError(f"{err} (or delete {directory} to start the pass afresh)") from err
         for row in rows:

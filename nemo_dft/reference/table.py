@@ -8,19 +8,13 @@ import torch
 
 from nemo_dft.data.dataset import DFTGroupDataset
 from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
-from nemo_dft.reference import fingerprint as fp
-from nemo_dft.reference.store import GroupKey, encode_id, read_file
-
-
-def scored_epochs(dataset: DFTGroupDataset) -> int:
-    """Epochs whose groups differ: all of them with per-epoch negatives, else only the first."""
-    return dataset.settings.num_epochs if dataset.settings.per_epoch_negatives else 1
+from nemo_dft.reference.store import GroupKey, check_fingerprint, encode_id, read_file
 
 
 def expected_groups(dataset: DFTGroupDataset) -> list[tuple[GroupKey, list[str]]]:
     """Every group the training run will use, in file order, with the columns scored for it."""
     groups = []
-    for epoch in range(scored_epochs(dataset)):
+    for epoch in range(dataset.settings.distinct_epochs):
         columns = [POSITIVE_COLUMN] + [negative_column(k) for k in dataset.settings.negative_columns(epoch)]
         groups.extend(((encode_id(example_id), epoch), columns) for example_id in dataset.example_ids)
     return groups
@@ -33,12 +27,10 @@ def load_reference_table(path: str | Path, dataset: DFTGroupDataset, fingerprint
     (id, epoch, column) the run needs is absent.
     """
     rows, metadata = read_file(path)
-    names = fp.differences(fingerprint, metadata.get("fingerprint", {}))
-    if names:
-        raise ValueError(fp.explain(path, names))
+    check_fingerprint(path, metadata, fingerprint)
     values = {(row["id"], row["epoch"], row["column"]): row["logp"] for row in rows}
     settings = dataset.settings
-    table = torch.empty(dataset.num_examples, scored_epochs(dataset), settings.num_negatives, dtype=torch.float32)
+    table = torch.empty(dataset.num_examples, settings.distinct_epochs, settings.num_negatives, dtype=torch.float32)
     missing: list[tuple[str, int, str]] = []
     for index, example_id in enumerate(dataset.example_ids):
         key = encode_id(example_id)

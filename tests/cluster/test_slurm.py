@@ -36,7 +36,7 @@ TEMPLATES = {
     "precompute_ref": Template(REPO / "slurm/precompute_ref.sh", "scripts/precompute_ref_logps.py",
                                "conf/dft_mistral.yaml", ("output=/runs/ref-logps/dft-mistral.parquet",)),
 }  # fmt: skip
-SHELL_FILES = [t.path for t in TEMPLATES.values()] + [REPO / "slurm/lib/launch.sh"]
+SHELL_FILES = [t.path for t in TEMPLATES.values()] + [REPO / "slurm/lib/launch.sh", REPO / "slurm/site.sh"]
 IMAGE_WORKDIR = "/opt/nemo_dft"  # WORKDIR of the training image (Dockerfile)
 
 # srun: records its arguments (NUL-separated) and environment, then exits with $SRUN_EXIT; with

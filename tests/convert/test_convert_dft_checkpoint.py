@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, subprocess_env
+from tests.conftest import REPO, script_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
 def train_checkpoint(run_dir: Path, tp: int) -> Path:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "scripts/train_dft.py", f"run.dir={run_dir}",
-               "trainer.progress_bar=false", "trainer.max_steps=2", "model.global_batch_size=8",
-               "data.eval_path=null", f"trainer.devices={tp}", f"model.tensor_model_parallel_size={tp}"]
+    command = script_command("scripts/train_dft.py", f"run.dir={run_dir}", "trainer.progress_bar=false",
+                             "trainer.max_steps=2", "model.global_batch_size=8", "data.eval_path=null",
+                             f"trainer.devices={tp}", f"model.tensor_model_parallel_size={tp}", nproc=tp)
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-6000:]
     [last] = sorted((run_dir / "checkpoints").glob("*-last"))
