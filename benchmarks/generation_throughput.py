@@ -21,13 +21,13 @@ def _measure(backend_name: str, args: argparse.Namespace, model_dir: Path) -> di
     from transformers import AutoTokenizer
 
     from nemo_dft.data.io import read_rows
+    from nemo_dft.demo.tiny_task import ASSET_DIR
     from nemo_dft.generation.backends import Request, build_backend
     from nemo_dft.generation.config import load_config
     from nemo_dft.generation.fields import extract_examples
     from nemo_dft.generation.prompts import encode_prompt, render_prompt
     from nemo_dft.generation.samples import generated_length, stop_token_ids
     from nemo_dft.generation.seeds import example_seed
-    from nemo_dft.tiny_task import ASSET_DIR
 
     cfg = load_config(None, [
         f"backend={backend_name}", f"model.path={model_dir}", "model.dtype=float32", f"sampling.n={args.n}",
@@ -79,7 +79,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from nemo_dft.tiny_model import tiny_hf_model_dir
+    from nemo_dft.demo.tiny_model import tiny_hf_model_dir
 
     model_dir = tiny_hf_model_dir(args.arch)
     results = {name: _measure(name, args, model_dir) for name in args.backends.split(",")}

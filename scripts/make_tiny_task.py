@@ -1,11 +1,11 @@
-"""Regenerate the embedded demo task shipped in nemo_dft/assets/tiny_task."""
+"""Regenerate the embedded demo task shipped in nemo_dft/demo/assets/tiny_task."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from nemo_dft.tiny_task import ASSET_DIR, write_task
+from nemo_dft.demo.tiny_task import ASSET_DIR, write_task
 
 
 def main() -> None:

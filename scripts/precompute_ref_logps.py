@@ -28,7 +28,7 @@ EXTRA_KEYS = ("output", "groups_per_shard")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from nemo_dft.config_loading import config_argument_parser
+    from nemo_dft.config.loading import config_argument_parser
 
     description, epilog = __doc__.split("\n\n", 1)
     return config_argument_parser(description, epilog).parse_args(argv)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from omegaconf import OmegaConf
 
-    from nemo_dft.config import ConfigError, TrainConfig, data_parallel_size, load_structured, validate
+    from nemo_dft.config.training import ConfigError, TrainConfig, data_parallel_size, load_structured, validate
 
     extra, overrides = split_extra(args.overrides)
     try:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg) + f"output: {output}\ngroups_per_shard: {groups_per_shard}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from nemo_dft.preemption import EXIT_PREEMPTED, parse_signals
+    from nemo_dft.platform.signals import EXIT_PREEMPTED, parse_signals
     from nemo_dft.reference.scoring import ScoringInterrupted, score
 
     try:

@@ -1,7 +1,7 @@
 """Train a model with Discriminative Fine-Tuning (DFT / DFT2) on NeMo/Megatron.
 
 With no arguments it trains the embedded tiny default: a tiny Mistral-architecture model on the
-copy task shipped in nemo_dft/assets, on CPU, and prints a summary.
+copy task shipped in nemo_dft/demo/assets, on CPU, and prints a summary.
 
 Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_size=2):
   run.dir, run.seed                        output directory (metrics.jsonl, checkpoints), seed
@@ -37,7 +37,7 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from nemo_dft.config_loading import config_argument_parser
+    from nemo_dft.config.loading import config_argument_parser
 
     description, epilog = __doc__.split("\n\n", 1)
     return config_argument_parser(description, epilog).parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from omegaconf import OmegaConf
 
-    from nemo_dft.config import ConfigError, load_config
+    from nemo_dft.config.training import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from nemo_dft.train import train
+    from nemo_dft.training.train import train
 
     try:
         result = train(cfg)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
-    from nemo_dft.preemption import EXIT_PREEMPTED
+    from nemo_dft.platform.signals import EXIT_PREEMPTED
 
     if result.preempted:
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -1,10 +1,10 @@
-"""CPU preparation for conversion: the CPU shim and the model-config overrides (nemo_dft.cpu_config)."""
+"""CPU preparation for conversion: the CPU shim and the model-config overrides (nemo_dft.platform.cpu_model_config)."""
 
 from __future__ import annotations
 
 import torch
 
-from nemo_dft.cpu_config import apply_cpu_model_overrides, cpu_model_overrides
+from nemo_dft.platform.cpu_model_config import apply_cpu_model_overrides, cpu_model_overrides
 
 __all__ = ["apply_cpu_model_overrides", "cpu_model_overrides", "on_cpu", "prepare_process"]
 
@@ -16,6 +16,6 @@ def on_cpu() -> bool:
 
 def prepare_process() -> bool:
     """Enable the CPU shim when no GPU is present; return whether it is active."""
-    from nemo_dft.cpu_compat import maybe_enable_cpu_compat
+    from nemo_dft.platform.cpu_shim import maybe_enable_cpu_compat
 
     return maybe_enable_cpu_compat()

@@ -138,3 +138,17 @@ class DFTGroupDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         return self.group(item)
+
+
+def group_settings(cfg: Any) -> GroupSettings:
+    """How the training rows become groups (negatives, truncation, epochs, order), from a training config."""
+    return GroupSettings(
+        num_negatives=cfg.dft.num_negatives,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        num_epochs=cfg.data.num_epochs,
+        per_epoch_negatives=cfg.dft.per_epoch_negatives,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.run.seed,
+        add_bos=cfg.data.add_bos,
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_dft.config_loading import config_argument_parser
+from nemo_dft.config.loading import config_argument_parser
 from nemo_dft.data.io import DataFormatError
 from nemo_dft.generation.config import ConfigError, GenerationConfig, load_config
 from nemo_dft.generation.merge import MergeError

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_dft.config_loading import ConfigError, load_structured
+from nemo_dft.config.loading import ConfigError, load_structured
 
 DEFAULT_SYSTEM_MESSAGE = "You are an unhelpful assistant."
 ALPACA_TEMPLATE = (

@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 from nemo_dft.data.dataset import DFTGroupDataset
 from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
-from nemo_dft.logprobs import sequence_logps
-from nemo_dft.loss_reduction import DFTHyperParameters
-from nemo_dft.model import DFTModel
-from nemo_dft.parallel import any_rank
-from nemo_dft.preemption import SignalLatch
+from nemo_dft.modeling.logprob_model import LogProbGPTModel
+from nemo_dft.modeling.logprobs import sequence_logps
+from nemo_dft.platform.collectives import any_rank
+from nemo_dft.platform.signals import SignalLatch
 from nemo_dft.reference import store
 from nemo_dft.reference.table import expected_groups
 
@@ -92,7 +91,7 @@ class _ScoringReduction(MegatronLossReduction):
         return torch.tensor(0.0)
 
 
-class ScoringModel(DFTModel):
+class ScoringModel(LogProbGPTModel):
     """The policy network in forward-only use; its validation reduction collects scores."""
 
     scored: list[dict[str, torch.Tensor]]
@@ -179,8 +178,8 @@ def _is_writer() -> bool:
 
 def scoring_groups(cfg: DictConfig, hf_tokenizer) -> DFTGroupDataset:
     """The training groups of every epoch with distinct negatives, in file order (no shuffle)."""
+    from nemo_dft.data.dataset import group_settings
     from nemo_dft.data.io import read_rows
-    from nemo_dft.train import group_settings
 
     training = group_settings(cfg)
     # without per-epoch negatives every epoch has the same groups: they are scored once
@@ -193,11 +192,13 @@ def score(cfg: DictConfig, output: str | Path, groups_per_shard: int, signals: l
     from nemo import lightning as nl
     from nemo.collections import llm
 
-    from nemo_dft.config import data_parallel_size
+    from nemo_dft.config.training import data_parallel_size
     from nemo_dft.data.datamodule import DFTDataModule
-    from nemo_dft.precision import precision_plugin
+    from nemo_dft.modeling.gpt_config import make_gpt_config
+    from nemo_dft.modeling.runtime import enable_device, make_strategy, slurm_plugins
+    from nemo_dft.modeling.tokenizer import load_tokenizer
+    from nemo_dft.platform.precision import precision_plugin
     from nemo_dft.reference import fingerprint
-    from nemo_dft.train import enable_device, load_tokenizer, make_gpt_config, make_strategy, slurm_plugins
 
     output = Path(output).resolve()
     on_gpu = enable_device(cfg)
@@ -213,13 +214,7 @@ def score(cfg: DictConfig, output: str | Path, groups_per_shard: int, signals: l
     if pending:
         data = _PendingGroups(groups, pending, global_batch)
         gpt_config = make_gpt_config(cfg, on_gpu)
-        model = ScoringModel(
-            gpt_config,
-            dft=DFTHyperParameters(tau=cfg.dft.tau, gamma=cfg.dft.gamma, num_negatives=cfg.dft.num_negatives,
-                                   ref_free=True),
-            num_train_examples=groups.num_examples,
-            tokenizer=tokenizer,
-        )
+        model = ScoringModel(gpt_config, tokenizer=tokenizer)
         module = DFTDataModule(data, data, micro_batch_size=micro, global_batch_size=global_batch,
                                pad_id=tokenizer.tokenizer.pad_token_id or 0, fixed_length=True)
         strategy = make_strategy(cfg, gpt_config, on_gpu)

@@ -10,7 +10,7 @@
 #
 # Needs, set by the template: CONTAINER_IMAGE, CONTAINER_MOUNTS, CODE_DIR, GPUS_PER_NODE.
 
-EXIT_PREEMPTED=75  # nemo_dft/preemption.py: checkpoint saved, run me again (EX_TEMPFAIL)
+EXIT_PREEMPTED=75  # nemo_dft/platform/signals.py: checkpoint saved, run me again (EX_TEMPFAIL)
 
 # MASTER_ADDR = the allocation's first host, MASTER_PORT from the job id (a requeued job keeps its
 # id, hence its port); NUM_NODES from the allocation.

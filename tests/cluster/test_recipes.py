@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_dft.config import load_config
-from nemo_dft.tiny_task import ASSET_DIR
+from nemo_dft.config.training import load_config
+from nemo_dft.demo.tiny_task import ASSET_DIR
 
 from .tools import REPO
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_dft.tiny_model import build_tiny_hf_model, tiny_hf_model_dir
+from nemo_dft.demo.tiny_model import build_tiny_hf_model, tiny_hf_model_dir
 
 
 @pytest.fixture(scope="session")

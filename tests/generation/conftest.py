@@ -26,7 +26,7 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from nemo_dft.tiny_model import tiny_hf_model_dir
+    from nemo_dft.demo.tiny_model import tiny_hf_model_dir
 
     return tiny_hf_model_dir("llama")
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nemo_dft.tiny_task import ASSET_DIR
+from nemo_dft.demo.tiny_task import ASSET_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,217 @@
+"""The training configuration: typed defaults (the embedded tiny run), YAML files and dotted
+command-line overrides, validated before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from nemo_dft.config.loading import ConfigError, load_structured
+from nemo_dft.demo.tiny_model import TINY_MISTRAL_SHAPE
+from nemo_dft.demo.tiny_task import ASSET_DIR
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny-dft"
+    seed: int = 1234
+
+
+@dataclass
+class TrainerConfig:
+    devices: int = 1
+    num_nodes: int = 1
+    max_steps: int | None = None  # None: every epoch of data.num_epochs
+    accelerator: str = "auto"  # auto | cpu | gpu
+    val_check_interval: int | None = None  # None: held-out evaluation only before and after training
+    progress_bar: bool = True
+    # Signals that make training save a checkpoint at the end of the current step and exit with
+    # code 75 (EXIT_PREEMPTED), so a Slurm script can requeue the job; [] leaves signals alone.
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "mistral"
+    init_from: str | None = None  # NeMo checkpoint directory with the initial weights
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    micro_batch_size: int = 4  # prompts (groups of 1 + m sequences)
+    global_batch_size: int = 8  # prompts
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # FP8 through Transformer Engine (GPU only): null | hybrid | e4m3, and the scaling recipe:
+    # delayed | tensorwise | mxfp8 | blockwise.  See nemo_dft/platform/precision.py.
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_param: bool = False
+    # tiny: the embedded demo's shape under model.config; null: the architecture's own config
+    # (e.g. NeMo's MistralConfig7B), which the paper recipes use; checkpoint: the config stored in
+    # model.init_from (architecture and sizes of whatever model it holds; model.arch is not used).
+    preset: str | None = "tiny"
+    config: dict[str, Any] = field(default_factory=dict)  # overrides of NeMo GPT config fields
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # HF tokenizer directory; None: the locally built tiny tokenizer
+    # Training prompt template: null (the tokenizer's own), zephyr, alpaca, or a Jinja template.
+    chat_template: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class DFTConfig:
+    num_negatives: int = 2
+    tau: float = 1.0
+    gamma: float = 0.85
+    u_init: float = 0.0
+    ref_free: bool = False
+    reference: str = "frozen"  # frozen (on the fly) | offline (dft.ref_logps file)
+    ref_logps: str | None = None  # file written by scripts/precompute_ref_logps.py
+    per_epoch_negatives: bool = True
+
+
+@dataclass
+class DataConfig:
+    path: str = str(ASSET_DIR / "train.jsonl")
+    eval_path: str | None = str(ASSET_DIR / "heldout.jsonl")
+    num_epochs: int = 4
+    max_length: int = 64
+    max_prompt_length: int = 32
+    shuffle: bool = True
+    add_bos: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: only at the end
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dft: DFTConfig = field(default_factory=DFTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Defaults, then ``config_file``, then ``key=value`` overrides, validated."""
+    cfg = load_structured(TrainConfig, config_file, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def data_parallel_size(cfg: DictConfig) -> int:
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    model_parallel = (
+        cfg.model.tensor_model_parallel_size
+        * cfg.model.pipeline_model_parallel_size
+        * cfg.model.context_parallel_size
+    )
+    return world // model_parallel
+
+
+def model_config_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The NeMo GPT config fields this run sets: the preset's shape, then ``model.config``."""
+    from omegaconf import OmegaConf
+
+    overrides = dict(TINY_MISTRAL_SHAPE) if cfg.model.preset == "tiny" else {}
+    overrides.update(OmegaConf.to_container(cfg.model.config, resolve=True))
+    return overrides
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject impossible settings before anything is built."""
+    from nemo_dft.objective import validate_hyperparameters
+
+    try:
+        validate_hyperparameters(cfg.dft.tau, cfg.dft.gamma)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    from nemo_dft.platform.precision import static_errors
+
+    errors = static_errors(cfg.model)
+    if errors:
+        key, problem = errors[0]
+        raise ConfigError(f"{key}: {problem}")
+    m = cfg.model
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                "micro_batch_size", "global_batch_size"):
+        _require(m[key] >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
+    _require(cfg.trainer.devices >= 1 and cfg.trainer.num_nodes >= 1, "trainer.devices",
+             "devices and num_nodes must be >= 1")
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    model_parallel = m.tensor_model_parallel_size * m.pipeline_model_parallel_size * m.context_parallel_size
+    _require(world % model_parallel == 0, "trainer.devices",
+             f"{world} processes are not divisible by TP x PP x CP = {model_parallel}")
+    dp = world // model_parallel
+    _require(m.global_batch_size % (m.micro_batch_size * dp) == 0, "model.global_batch_size",
+             f"{m.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
+             f"= {m.micro_batch_size} x {dp}")
+    _require(m.context_parallel_size == 1, "model.context_parallel_size",
+             "context parallelism is not supported for DFT yet (sequences are short and whole groups "
+             "must stay on one rank)")
+    _require(m.preset in (None, "tiny", "checkpoint"), "model.preset",
+             f"{m.preset!r} is not 'tiny', 'checkpoint' or null")
+    _require(m.preset != "checkpoint" or m.init_from is not None, "model.preset",
+             "'checkpoint' takes the architecture from model.init_from, which is not set")
+    layers = model_config_overrides(cfg).get("num_layers")
+    if layers is not None:
+        _require(m.pipeline_model_parallel_size <= layers, "model.pipeline_model_parallel_size",
+                 f"{m.pipeline_model_parallel_size} stages exceed the model's {layers} layers")
+    _require(cfg.dft.num_negatives >= 1, "dft.num_negatives", "must be >= 1")
+    _require(cfg.dft.reference in ("frozen", "offline"), "dft.reference",
+             f"unknown mode {cfg.dft.reference!r}; use 'frozen' or 'offline'")
+    if not cfg.dft.ref_free and cfg.dft.reference == "frozen":
+        _require(m.pipeline_model_parallel_size == 1, "dft.reference",
+                 "the frozen on-the-fly reference needs pipeline_model_parallel_size=1; with pipeline "
+                 "parallelism use dft.reference=offline (scripts/precompute_ref_logps.py) or dft.ref_free=true")
+    if not cfg.dft.ref_free and cfg.dft.reference == "offline":
+        _require(cfg.dft.ref_logps is not None, "dft.ref_logps",
+                 "dft.reference=offline needs the file written by scripts/precompute_ref_logps.py")
+        _require(Path(cfg.dft.ref_logps).is_file(), "dft.ref_logps", f"{cfg.dft.ref_logps} does not exist")
+        _require(cfg.model.init_from is not None, "model.init_from",
+                 "dft.reference=offline scores the initial weights of a checkpoint; set model.init_from")
+    _require(0 < cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
+             f"must be > 0 and below data.max_length={cfg.data.max_length}")
+    _require(cfg.data.num_epochs >= 1, "data.num_epochs", "must be >= 1")
+    _require(Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
+    if cfg.data.eval_path is not None:
+        _require(Path(cfg.data.eval_path).exists(), "data.eval_path", f"{cfg.data.eval_path} does not exist")
+    _require(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must lie in [0, 1)")
+    _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
+    from nemo_dft.platform.signals import parse_signals
+
+    try:
+        parse_signals(list(cfg.trainer.preemption_signals))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _require(cfg.trainer.accelerator in ("auto", "cpu", "gpu"), "trainer.accelerator",
+             f"{cfg.trainer.accelerator!r} is not auto, cpu or gpu")

@@ -1,0 +1,143 @@
+"""Tiny tokenizer and random-init HF checkpoints, built locally and cached.
+
+No model hub is reachable from CI, so the demo, the tests and the conversion checks use a
+byte-level BPE tokenizer trained on the embedded task and small random Mistral/Llama models
+(head_dim 32, which vLLM's CPU attention also accepts).  They are written atomically under a
+build directory and reused when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from nemo_dft.data.chat_template import ZEPHYR_CHAT_TEMPLATE
+from nemo_dft.demo.tiny_task import ASSET_DIR
+
+DEFAULT_BUILD_DIR = Path(os.environ.get("NEMO_DFT_BUILD_DIR", Path(__file__).resolve().parents[1] / "build"))
+TINY_VOCAB_SIZE = 512
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+# Shapes of the tiny Mistral-architecture model: GQA (4 heads, 2 KV groups), RoPE, SwiGLU,
+# RMSNorm, untied embeddings.  Shared by the HF builder and the NeMo model config.
+TINY_MISTRAL_SHAPE = {
+    "num_layers": 2,
+    "hidden_size": 128,
+    "ffn_hidden_size": 384,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "kv_channels": 32,
+    "seq_length": 256,
+}
+
+
+def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a temporary sibling directory, then rename it into place."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _task_corpus() -> Iterator[str]:
+    for split in ("train.jsonl", "heldout.jsonl"):
+        with open(ASSET_DIR / split, encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                for key, chat in row.items():
+                    if key == "id":
+                        continue
+                    for message in chat:
+                        yield f"<|{message['role']}|>\n{message['content']}"
+    yield "<|system|>\nYou are an unhelpful assistant."
+    yield "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+
+def build_tiny_tokenizer(out_dir: Path) -> None:
+    """Train a 512-token byte-level BPE on the task text and save it as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_task_corpus(), trainer=trainer)
+    # Reserve the rest of the vocabulary, so that it is exactly TINY_VOCAB_SIZE: the padded
+    # vocabulary is then the same at every tensor-parallel size and checkpoints reshard.
+    unused = TINY_VOCAB_SIZE - tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens([f"<unused_{i}>" for i in range(unused)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+    )
+    fast.chat_template = ZEPHYR_CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+def tiny_tokenizer_dir(build_dir: Path | None = None) -> Path:
+    """Path of the cached tiny tokenizer, building it on first use."""
+    return _atomic_dir(Path(build_dir or DEFAULT_BUILD_DIR) / "tiny-tokenizer", build_tiny_tokenizer)
+
+
+def build_tiny_hf_model(out_dir: Path, arch: str = "mistral", seed: int = 0, tie_embeddings: bool = False) -> None:
+    """Save a random-init HF causal LM of the tiny shape, with the tiny tokenizer beside it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    shape = TINY_MISTRAL_SHAPE
+    common = {
+        "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": shape["hidden_size"],
+        "intermediate_size": shape["ffn_hidden_size"],
+        "num_hidden_layers": shape["num_layers"],
+        "num_attention_heads": shape["num_attention_heads"],
+        "num_key_value_heads": shape["num_query_groups"],
+        "head_dim": shape["kv_channels"],
+        "max_position_embeddings": shape["seq_length"],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": tie_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    classes = {"mistral": (MistralConfig, MistralForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(classes)}")
+    config_cls, model_cls = classes[arch]
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common, **extra))
+    with torch.no_grad():  # non-trivial norm weights, so that a dropped norm cannot go unseen
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir())).save_pretrained(str(out_dir))
+
+
+def tiny_hf_model_dir(arch: str = "mistral", build_dir: Path | None = None) -> Path:
+    """Path of the cached tiny HF checkpoint of ``arch``, building it on first use."""
+    root = Path(build_dir or DEFAULT_BUILD_DIR)
+    return _atomic_dir(root / f"tiny-{arch}-hf", lambda out: build_tiny_hf_model(out, arch))

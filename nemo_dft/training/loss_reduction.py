@@ -1,0 +1,135 @@
+"""DFT as a NeMo 2 ``MegatronLossReduction``: the bridge from Megatron micro-batches to
+:func:`nemo_dft.objective.dft_loss`.
+
+Runs on the last pipeline stage.  ``forward`` sees one micro-batch: per-token log-probs of its
+R = B (1 + m) rows, reduces them to sequence scores, evaluates the objective and updates u;
+``reduce`` combines the micro-batches of a global batch over the data-parallel group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from nemo.lightning.megatron_parallel import MegatronLossReduction
+
+from nemo_dft.modeling.logprobs import sequence_logps, split_groups
+from nemo_dft.objective import dft_loss, length_average
+
+if TYPE_CHECKING:
+    from nemo_dft.training.u_table import UTable
+
+# Sums carried per micro-batch; means are taken over the global batch in ``reduce``.
+STAT_NAMES = ("loss", "examples", "u", "weight", "pos_logps", "neg_logps", "rank_correct", "response_tokens", "tokens")
+
+
+@dataclass(frozen=True)
+class DFTHyperParameters:
+    """The objective's settings (see dft-algorithm.md)."""
+
+    tau: float
+    gamma: float
+    num_negatives: int
+    ref_free: bool
+    reference: str = "frozen"  # where reference log-probs come from: frozen (scored each step) | offline (file)
+
+    @property
+    def scores_reference_on_the_fly(self) -> bool:
+        return not self.ref_free and self.reference == "frozen"
+
+
+def _data_parallel_group() -> dist.ProcessGroup | None:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_data_parallel_group()
+
+
+class DFTLossReduction(MegatronLossReduction):
+    """Training (updates u) or evaluation (ranking statistics only) reduction."""
+
+    def __init__(self, hparams: DFTHyperParameters, u_table: UTable | None, evaluation: bool = False) -> None:
+        super().__init__()
+        if not evaluation and u_table is None:
+            raise ValueError("the training reduction needs the u table")
+        self.hparams = hparams
+        self.u_table = u_table
+        self.evaluation = evaluation
+
+    def group_scores(self, batch: dict[str, torch.Tensor], token_logps: torch.Tensor, key: str = "loss_mask"):
+        sums, lengths = sequence_logps(token_logps, batch[key])
+        group_size = 1 + self.hparams.num_negatives
+        return split_groups(sums, group_size), split_groups(lengths, group_size)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], forward_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        (pos, neg), (pos_len, neg_len) = self.group_scores(batch, forward_out)
+        examples = pos.shape[0]
+        stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+        stats[1] = examples
+        stats[4], stats[5] = pos.detach().sum(), neg.detach().mean(dim=-1).sum()
+        stats[6] = (
+            (length_average(pos, pos_len).unsqueeze(-1) > length_average(neg, neg_len)).all(dim=-1).sum().detach()
+        )
+        stats[7] = pos_len.sum() + neg_len.sum()
+        stats[8] = batch["lengths"].sum()
+        if self.evaluation:
+            loss_sum = (pos.sum() * 0.0).detach()
+            return loss_sum, torch.tensor(examples, device=pos.device), {"stats": stats.to(pos.device)}
+
+        ref_neg = None
+        if not self.hparams.ref_free:
+            if "ref_neg_logps" in batch:  # offline: read from the precomputed file with the batch
+                ref_neg = batch["ref_neg_logps"].to(neg.dtype)
+            else:
+                (_, ref_neg), _ = self.group_scores(batch, batch["ref_token_logps"])
+        index = batch["example_index"]
+        result = dft_loss(
+            pos,
+            neg,
+            self.u_table.lookup(index),
+            tau=self.hparams.tau,
+            gamma=self.hparams.gamma,
+            ref_neg_logps=ref_neg,
+            pos_lengths=pos_len,
+            neg_lengths=neg_len,
+        )
+        self.u_table.update(index, result.u, group=_data_parallel_group())
+        loss_sum = result.loss * examples
+        stats[0] = loss_sum.detach()
+        stats[2], stats[3] = result.u.sum(), result.weights.mean(dim=-1).sum()
+        # megatron divides the returned loss by the returned count and the number of
+        # micro-batches, so every micro-batch contributes its mean over examples.
+        return loss_sum, torch.tensor(examples, device=pos.device), {"stats": stats.to(pos.device)}
+
+    def reduce(self, losses_reduced_per_micro_batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Global-batch means over all micro-batches and data-parallel ranks."""
+        if not losses_reduced_per_micro_batch:
+            return {"loss": torch.tensor(0.0)}
+        totals = torch.stack([m["stats"] for m in losses_reduced_per_micro_batch]).sum(dim=0)
+        group = _data_parallel_group()
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(totals, group=group)
+        return summarize(totals)
+
+
+def summarize(totals: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Turn summed statistics into the logged means."""
+    stats = dict(zip(STAT_NAMES, totals, strict=True))
+    n = stats["examples"].clamp(min=1)
+    return {
+        "loss": (stats["loss"] / n).float(),
+        "u_mean": (stats["u"] / n).float(),
+        "weight_mean": (stats["weight"] / n).float(),
+        "pos_logps": (stats["pos_logps"] / n).float(),
+        "neg_logps": (stats["neg_logps"] / n).float(),
+        "rank_acc": (stats["rank_correct"] / n).float(),
+        "examples": stats["examples"].float(),
+        "response_tokens": stats["response_tokens"].float(),
+        "tokens": stats["tokens"].float(),
+    }

@@ -1,0 +1,82 @@
+"""Training callbacks: one JSON line of metrics per optimizer step."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from tqdm import tqdm
+
+from nemo_dft.platform.collectives import broadcast_from_last_stage
+
+METRIC_KEYS = ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "rank_acc", "tokens")
+
+
+def metrics_from_last_stage(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """The last pipeline stage computes the loss; send its numbers to the stage's other ranks."""
+    vector = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    broadcast_from_last_stage(vector)
+    return dict(zip(keys, vector.tolist(), strict=True))
+
+
+class MetricsJsonl(pl.Callback):
+    """Appends ``{"step", "loss", "lr", "grad_norm", ..., "tokens_per_s"}`` per step to a file.
+
+    Every rank takes part in the pipeline broadcast; global rank 0 writes.  The file is opened
+    in append mode so a resumed run continues it.
+    """
+
+    def __init__(self, path: Path, progress_bar: bool = True) -> None:
+        self.path = Path(path)
+        self.progress_bar = progress_bar
+        self._bar: tqdm | None = None
+        self._last_time: float | None = None
+        self.history: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        """On resume, drop lines of steps after the checkpoint: they are about to be trained again."""
+        if trainer.global_rank != 0 or trainer.global_step == 0 or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= trainer.global_step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._last_time is None:
+            self._last_time = time.perf_counter()
+        if self.progress_bar and self._bar is None and trainer.global_rank == 0:
+            self._bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="DFT", unit="step")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        elapsed = max(now - (self._last_time or now), 1e-9)
+        self._last_time = now
+        values = metrics_from_last_stage(pl_module.last_train_metrics, METRIC_KEYS)
+        grad_norm = trainer.callback_metrics.get("grad_norm")
+        record = {
+            "step": int(trainer.global_step),
+            **{k: values[k] for k in METRIC_KEYS if k != "tokens"},
+            "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": values["tokens"] / elapsed,
+            "step_s": elapsed,
+        }
+        self.history.append(record)
+        pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['loss']:.3f}", rank_acc=f"{record['rank_acc']:.2f}", refresh=False)
+            self._bar.update(1)
+        if trainer.global_rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")

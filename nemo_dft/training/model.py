@@ -1,0 +1,202 @@
+"""``DFTModel``: a NeMo 2 ``llm.GPTModel`` trained with the DFT objective.
+
+Everything architecture-specific stays in NeMo's GPT config (GPT, Llama, Mistral, ...); the data
+and forward steps come from :class:`nemo_dft.modeling.logprob_model.LogProbGPTModel`; this subclass
+adds the loss reductions, the u table and the optional frozen reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from nemo.collections import llm
+
+from nemo_dft.modeling.logprob_model import LogProbGPTModel
+from nemo_dft.modeling.logprobs import token_logps
+from nemo_dft.platform.collectives import broadcast_from_last_stage
+from nemo_dft.training.loss_reduction import STAT_NAMES, DFTHyperParameters, DFTLossReduction, summarize
+from nemo_dft.training.u_table import UTable
+
+
+class DFTModel(LogProbGPTModel):
+    """GPT-family model whose training step is DFT (reference-based) or DFT2 (reference-free)."""
+
+    def __init__(
+        self,
+        config: llm.GPTConfig,
+        dft: DFTHyperParameters,
+        num_train_examples: int,
+        u_init: float = 0.0,
+        reference_dir: str | None = None,
+        optim=None,
+        tokenizer=None,
+        model_transform=None,
+    ) -> None:
+        super().__init__(config, optim=optim, tokenizer=tokenizer, model_transform=model_transform)
+        self.dft = dft
+        self.u_table = UTable(num_train_examples, u_init)
+        self.reference_dir = reference_dir
+        self._reference: list[torch.nn.Module] = []  # a list keeps it out of parameters() and the optimizer
+        self.last_train_metrics: dict[str, float] = {}
+        self.eval_totals: torch.Tensor | None = None
+        self.eval_results: list[dict[str, float]] = []
+
+    # ---- NeMo 2 extension points -------------------------------------------------------------
+    def forward_step(self, batch: dict[str, torch.Tensor], with_reference: bool = False) -> torch.Tensor:
+        output = self.network_output(batch)
+        if not self.on_last_stage():
+            return output  # hidden states for the next pipeline stage
+        if with_reference:
+            batch["ref_token_logps"] = self.reference_token_logps(batch)
+        return token_logps(output, batch["labels"], inplace=True)
+
+    def training_step(self, batch, batch_idx=None) -> torch.Tensor:
+        return self.forward_step(batch, with_reference=self.dft.scores_reference_on_the_fly)
+
+    def validation_step(self, batch, batch_idx=None) -> torch.Tensor:
+        return self.forward_step(batch, with_reference=False)
+
+    @property
+    def training_loss_reduction(self) -> DFTLossReduction:
+        if not self._training_loss_reduction:
+            self._training_loss_reduction = _TrainingReduction(self)
+        return self._training_loss_reduction
+
+    @property
+    def validation_loss_reduction(self) -> DFTLossReduction:
+        if not self._validation_loss_reduction:
+            self._validation_loss_reduction = _EvaluationReduction(self)
+        return self._validation_loss_reduction
+
+    # ---- frozen reference ---------------------------------------------------------------------
+    def reference_token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self._reference:
+            raise RuntimeError("reference-based DFT needs the frozen reference; call setup_reference() first")
+        with torch.no_grad():
+            logits = self._reference[0](batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            return token_logps(logits, batch["labels"], inplace=True)
+
+    def setup_reference(self) -> None:
+        """Build the frozen copy of the initial weights on this rank's shard.
+
+        On a fresh run the copy is taken from the policy and saved under ``reference_dir``; a
+        resumed run loads that file, because its policy weights are no longer the initial ones.
+        """
+        if not self.dft.scores_reference_on_the_fly or self._reference:
+            return
+        from megatron.core.utils import unwrap_model
+
+        policy = unwrap_model(self.module)
+        config = copy.copy(self.config)
+        config.perform_initialization = False  # weights are overwritten below; keep the RNG untouched
+        reference = config.configure_model(
+            self.tokenizer, pre_process=policy.pre_process, post_process=policy.post_process
+        )
+        path = self._reference_file()
+        if path is not None and path.exists() and self.trainer.global_step > 0:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        elif self.trainer.global_step > 0:
+            raise RuntimeError(
+                "resuming reference-based DFT needs the saved initial weights "
+                f"({path}); they are written on the first start of a run"
+            )
+        else:
+            state = {k: v.detach().clone() for k, v in policy.state_dict().items() if v is not None}
+            if path is not None:
+                _atomic_torch_save(state, path)
+        reference.load_state_dict(state, strict=False)
+        reference.to(next(policy.parameters()).device).eval().requires_grad_(False)
+        self._reference.append(reference)
+
+    def _reference_file(self) -> Path | None:
+        if self.reference_dir is None:
+            return None
+        tp = parallel_state.get_tensor_model_parallel_rank()
+        pp = parallel_state.get_pipeline_model_parallel_rank()
+        return Path(self.reference_dir) / f"initial_weights_tp{tp}_pp{pp}.pt"
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.setup_reference()
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_totals = None
+
+    def on_validation_epoch_end(self) -> None:
+        """Every rank records the held-out statistics, which only the last stage computed."""
+        totals = self.eval_totals if self.eval_totals is not None else torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+        totals = totals.to(torch.float64).cpu()
+        broadcast_from_last_stage(totals)
+        if totals[STAT_NAMES.index("examples")] == 0:
+            return
+        result = {k: float(v) for k, v in summarize(totals).items()}
+        result["step"] = int(self.trainer.global_step)
+        result["before_training"] = bool(self.trainer.sanity_checking)
+        self.eval_results.append(result)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _sync_u_table_across_pipeline(self.u_table)
+        _check_u_table_consistent(self.u_table)
+        checkpoint["dft_u_table"] = self.u_table.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "dft_u_table" in checkpoint:
+            self.u_table.load_state_dict(checkpoint["dft_u_table"])
+
+
+class _TrainingReduction(DFTLossReduction):
+    def __init__(self, model: DFTModel) -> None:
+        super().__init__(model.dft, model.u_table, evaluation=False)
+        self._model = [model]
+
+    def reduce(self, losses_reduced_per_micro_batch):
+        reduced = super().reduce(losses_reduced_per_micro_batch)
+        self._model[0].last_train_metrics = {k: float(v) for k, v in reduced.items()}
+        return reduced
+
+
+class _EvaluationReduction(DFTLossReduction):
+    """Accumulates ranking statistics over the whole held-out pass; returns -mean pos log-prob."""
+
+    def __init__(self, model: DFTModel) -> None:
+        super().__init__(model.dft, None, evaluation=True)
+        self._model = [model]
+
+    def reduce(self, losses_reduced_per_micro_batch):
+        if not losses_reduced_per_micro_batch:
+            return torch.tensor(0.0)
+        totals = torch.stack([m["stats"] for m in losses_reduced_per_micro_batch]).sum(dim=0)
+        group = parallel_state.get_data_parallel_group()
+        if torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(totals, group=group)
+        model = self._model[0]
+        model.eval_totals = totals if model.eval_totals is None else model.eval_totals + totals
+        return -summarize(totals)["pos_logps"]
+
+
+def _sync_u_table_across_pipeline(u_table: UTable) -> None:
+    """Only the last pipeline stage updates u; copy its table to the other stages."""
+    broadcast_from_last_stage(u_table.values)
+
+
+def _check_u_table_consistent(u_table: UTable) -> None:
+    """Every rank must hold the same u table; a checkpoint of diverged tables would be wrong."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    tables = [torch.empty_like(u_table.values) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(tables, u_table.values)
+    for rank, table in enumerate(tables):
+        if not torch.equal(table, u_table.values):
+            raise RuntimeError(f"the u table of rank {rank} differs from this rank's; refusing to checkpoint it")
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,76 @@
+"""NeMo's ``MegatronStrategy`` with the per-rank RNG state in every distributed checkpoint.
+
+NeMo 2 saves the model, optimizer, scheduler, loops and callback states, but not the random
+generators; without them a resumed run with dropout draws different masks than the run it
+continues.  See :mod:`nemo_dft.training.rng_state`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from nemo import lightning as nl
+
+from nemo_dft.training import rng_state
+
+logger = logging.getLogger(__name__)
+
+
+class DFTMegatronStrategy(nl.MegatronStrategy):
+    """Saves each rank's generators with the checkpoint; a resume puts them back at its first step.
+
+    They are restored at the first batch rather than at load time because Lightning draws a
+    seed for the new dataloader iterator in between, which the uninterrupted run did earlier.
+    """
+
+    _pending_rng_state: dict[str, Any] | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
+        checkpoint[rng_state.RNG_KEY] = rng_state.sharded_rng_state(rng_state.capture())
+        checkpoint[rng_state.LAYOUT_KEY] = list(rng_state.current_layout())
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path, selective_restore: bool = False) -> dict[str, Any]:
+        # init_from (selective restore) takes weights only; a resume also takes the generators,
+        # when the checkpoint was written by the same layout.
+        with_rng = not selective_restore and self._saved_layout(checkpoint_path) == list(rng_state.current_layout())
+        if not with_rng:
+            return super().load_checkpoint(checkpoint_path, selective_restore=selective_restore)
+        io = self.checkpoint_io
+        load = io.load_checkpoint
+
+        def load_with_rng(path, sharded_state_dict=None, **kwargs):
+            sharded_state_dict[rng_state.RNG_KEY] = rng_state.sharded_rng_state()
+            return load(path, sharded_state_dict=sharded_state_dict, **kwargs)
+
+        io.load_checkpoint = load_with_rng
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, selective_restore=selective_restore)
+        finally:
+            del io.load_checkpoint  # back to the class's method
+        self._pending_rng_state = checkpoint.pop(rng_state.RNG_KEY)
+        return checkpoint
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self._pending_rng_state is not None:
+            rng_state.restore(self._pending_rng_state)
+            self._pending_rng_state = None
+
+    def _saved_layout(self, checkpoint_path) -> list[int] | None:
+        from megatron.core import dist_checkpointing
+        from nemo.lightning.io.pl import ckpt_to_weights_subdir
+
+        weights = ckpt_to_weights_subdir(Path(checkpoint_path), is_saving=False)
+        common = dist_checkpointing.load_common_state_dict(str(weights))
+        saved = common.get(rng_state.LAYOUT_KEY)
+        if saved is None:
+            logger.warning("%s holds no RNG state; generators keep their fresh seeds", checkpoint_path)
+        elif list(saved) != list(rng_state.current_layout()):
+            logger.warning(
+                "%s was saved with (PP, TP, DP) = %s, this run is %s: generators keep their fresh seeds, so "
+                "dropout masks differ from the saved run's", checkpoint_path, tuple(saved), rng_state.current_layout(),
+            )
+        return None if saved is None else list(saved)

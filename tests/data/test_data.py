@@ -1,0 +1,178 @@
+"""Data: template rendering, prompt masking, truncation, per-epoch negatives, row errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from nemo_dft.data.collate import collate_groups
+from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
+from nemo_dft.data.io import DataFormatError, read_rows, write_parquet_atomic
+from nemo_dft.data.rows import RowError, validate_dft_rows
+from nemo_dft.data.tokenize import TokenizedPair, render, tokenize_pair, truncate_group
+from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+
+
+def chat(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def make_row(i: int, k: int = 4) -> dict:
+    row = {"id": f"ex{i}", "real": chat(f"Repeat: q {i}", "right answer")}
+    for j in range(k):
+        row[f"generated_{j}"] = chat(f"Repeat: q {i}", f"wrong {j} of {i}")
+    return row
+
+
+def test_template_renders_the_spec_strings(tokenizer):
+    prompt, response = render(tokenizer, chat("What is 2+2?", "4"))
+    assert prompt == "<|user|>\nWhat is 2+2?</s>\n"
+    assert response == "<|assistant|>\n4</s>\n"
+    generation = tokenizer.apply_chat_template(chat("Hi", "x")[:1], tokenize=False, add_generation_prompt=True)
+    assert generation == "<|user|>\nHi</s>\n<|assistant|>\n"
+
+
+def test_prompt_and_response_ids_concatenate_to_the_full_text(tokenizer):
+    for question, answer in [("Repeat: a b", "a b"), ("Reverse: x y z", "z y x"), ("q", "")]:
+        prompt, response = render(tokenizer, chat(question, answer))
+        pair = tokenize_pair(tokenizer, prompt, response, add_bos=False)
+        full = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+        assert pair.prompt + pair.response == full
+        assert tokenizer.decode(pair.response).endswith("</s>\n")
+
+
+def test_boundary_merge_moves_the_last_prompt_token_to_the_response():
+    class MergingTokenizer:
+        """'ab' is one token, so prompt 'a' + response 'b' do not split at the text boundary."""
+
+        bos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=False):
+            ids, i = [], 0
+            while i < len(text):
+                if text[i : i + 2] == "ab":
+                    ids.append(100)
+                    i += 2
+                else:
+                    ids.append(ord(text[i]))
+                    i += 1
+            return {"input_ids": ids}
+
+    pair = tokenize_pair(MergingTokenizer(), "xa", "bc", add_bos=True)
+    assert pair.prompt == [1, ord("x")]
+    assert pair.response == [100, ord("c")]
+
+
+def test_truncation_keeps_prompt_end_then_cuts_responses():
+    prompt = list(range(10))
+    short = TokenizedPair(prompt, [50, 51])
+    assert truncate_group([short], max_length=12, max_prompt_length=4).pairs == [short]
+    long_group = [TokenizedPair(prompt, [50, 51, 52]), TokenizedPair(prompt, list(range(60, 70)))]
+    group = truncate_group(long_group, max_length=12, max_prompt_length=4)
+    assert group.truncated
+    assert all(p.prompt == [6, 7, 8, 9] for p in group.pairs)  # keep_end
+    assert group.pairs[0].response == [50, 51, 52]
+    assert group.pairs[1].response == list(range(60, 68))  # max_length - max_prompt_length
+    assert max(len(p.prompt) + len(p.response) for p in group.pairs) <= 12
+    only_prompt = truncate_group([TokenizedPair(prompt, [1, 2])], max_length=8, max_prompt_length=6)
+    assert only_prompt.pairs[0].prompt == prompt[-6:] and only_prompt.pairs[0].response == [1, 2]
+
+
+def test_collate_masks_prompt_tokens_and_keeps_groups_together(tokenizer):
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, shuffle=False)
+    dataset = DFTGroupDataset([make_row(i) for i in range(3)], tokenizer, settings, "rows")
+    items = [dataset[0], dataset[1]]
+    batch = collate_groups(items, pad_id=0)
+    assert batch["tokens"].shape[0] == 6 and batch["tokens"].shape[1] % 8 == 0
+    assert batch["group_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert batch["example_index"].tolist() == [0, 1]
+    for row, pair in enumerate(p for item in items for p in item["pairs"]):
+        seq = pair.prompt + pair.response
+        n = len(seq) - 1
+        assert batch["tokens"][row, :n].tolist() == seq[:-1]
+        assert batch["labels"][row, :n].tolist() == seq[1:]
+        masked_labels = batch["labels"][row][batch["loss_mask"][row].bool()].tolist()
+        assert masked_labels == pair.response  # exactly the response tokens are scored
+        assert batch["lengths"][row] == n
+    fixed = collate_groups(items, pad_id=0, pad_to=63)
+    assert fixed["tokens"].shape[1] == 63
+
+
+def test_per_epoch_negative_blocks(tokenizer):
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2, shuffle=True)
+    rows = [make_row(i) for i in range(5)]
+    dataset = DFTGroupDataset(rows, tokenizer, settings, "rows")
+    assert len(dataset) == 10
+    seen_per_epoch = {0: set(), 1: set()}
+    for item in range(len(dataset)):
+        group = dataset[item]
+        epoch, index = group["epoch"], group["index"]
+        seen_per_epoch[epoch].add(index)
+        texts = [tokenizer.decode(p.response) for p in group["pairs"]]
+        assert "right answer" in texts[0]
+        assert [f"wrong {epoch * 2 + j} of {index}" in t for j, t in enumerate(texts[1:])] == [True, True]
+    assert seen_per_epoch == {0: set(range(5)), 1: set(range(5))}  # each epoch covers every example once
+    fixed = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2,
+                          per_epoch_negatives=False)
+    assert fixed.negative_columns(1) == [0, 1]
+
+
+def test_too_few_negatives_names_the_example(tokenizer):
+    rows = [make_row(0), make_row(1, k=3)]
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2)
+    with pytest.raises(RowError, match=r"row 1 \(id='ex1'\), column 'generated_3': missing"):
+        DFTGroupDataset(rows, tokenizer, settings, "train.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "column", "reason"),
+    [
+        (lambda r: r.pop("real"), "real", "non-empty list"),
+        (lambda r: r["real"][-1].update(role="user"), "real", "role 'assistant'"),
+        (lambda r: r["generated_1"][0].update(content="other"), "generated_1", "prompt differs"),
+        (lambda r: r["generated_0"].__setitem__(0, "text"), "generated_0", "not a dict"),
+        (lambda r: r.update(id="ex0"), "id", "duplicate id"),
+    ],
+)
+def test_bad_rows_are_reported_with_index_and_column(mutate, column, reason):
+    rows = [make_row(i) for i in range(4)]
+    mutate(rows[2])
+    with pytest.raises(RowError, match=rf"data.jsonl: row 2 .*column '{column}': .*{reason}"):
+        validate_dft_rows(rows, "data.jsonl", min_negatives=2)
+
+
+def test_readers_agree_across_formats(tmp_path):
+    rows = [make_row(i) for i in range(3)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_parquet_atomic(rows, tmp_path / "d.parquet")
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
+    for path in (jsonl, tmp_path / "d.parquet", tmp_path / "hf"):
+        assert read_rows(path) == rows, path
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: invalid JSON"):
+        read_rows(tmp_path / "bad.jsonl")
+    with pytest.raises(DataFormatError, match="no such file"):
+        read_rows(tmp_path / "missing.jsonl")
+
+
+def test_embedded_task_is_valid(tokenizer):
+    from nemo_dft.demo.tiny_task import ASSET_DIR
+
+    for split in ("train.jsonl", "heldout.jsonl"):
+        rows = read_rows(ASSET_DIR / split)
+        validate_dft_rows(rows, split, min_negatives=4)
+        assert all(r["real"][-1]["content"] != r[f"generated_{k}"][-1]["content"] for r in rows for k in range(4))
+    assert torch.is_tensor(collate_groups([DFTGroupDataset(
+        rows, tokenizer, GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32), split)[0]],
+        pad_id=0)["tokens"])

@@ -1,0 +1,244 @@
+"""Offline reference log-probs: the scoring pass against an HF forward pass and across TP, training
+with the file against training with the frozen on-the-fly reference, fingerprint and missing-id
+refusals, and an interrupted pass resumed into the same file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_child, script_command, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+TASK = REPO / "nemo_dft" / "demo" / "assets" / "tiny_task"
+COMMON = ["trainer.progress_bar=false", "data.num_epochs=2", "data.eval_path=null"]
+TRAIN = [*COMMON, "trainer.max_steps=4", "model.global_batch_size=8"]
+
+
+def script(name: str, *args: str, nproc: int = 1) -> list[str]:
+    return script_command(f"scripts/{name}", *args, nproc=nproc)
+
+
+def ok(command: list[str]) -> subprocess.CompletedProcess:
+    result = run_child(command)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_scores(path: Path) -> dict[tuple[str, int, str], float]:
+    import pyarrow.parquet as pq
+
+    return {(r["id"], r["epoch"], r["column"]): r["logp"] for r in pq.read_table(path).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    init_run = root / "init"
+    ok(script("train_dft.py", f"run.dir={init_run}", *COMMON, "trainer.max_steps=1", "optim.lr=0", "optim.min_lr=0"))
+    [init] = sorted((init_run / "checkpoints").glob("*-last"))
+    scored = root / "tp1.parquet"
+    ok(script("precompute_ref_logps.py", f"model.init_from={init}", *COMMON, f"output={scored}",
+              "model.micro_batch_size=8"))
+    return {"root": root, "init": init, "tp1": scored}
+
+
+def test_scores_match_an_hf_forward_pass(setup):
+    """Independent check: export the reference checkpoint to HF and score groups with transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
+    from nemo_dft.data.io import read_rows
+    from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
+    from nemo_dft.reference.store import encode_id
+
+    hf_dir = setup["root"] / "hf"
+    ok([sys.executable, "scripts/convert_hf.py", "export", "--nemo", str(setup["init"]), "--out", str(hf_dir)])
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2, shuffle=False)
+    groups = DFTGroupDataset(read_rows(TASK / "train.jsonl"), tokenizer, settings, "train.jsonl")
+    scores = read_scores(setup["tp1"])
+    generator = torch.Generator().manual_seed(int(time.time()))
+    for item in torch.randint(len(groups), (12,), generator=generator).tolist():
+        group = groups.group(item)
+        columns = [POSITIVE_COLUMN] + [negative_column(k) for k in settings.negative_columns(group["epoch"])]
+        for pair, column in zip(group["pairs"], columns, strict=True):
+            ids = torch.tensor([pair.prompt + pair.response])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+            targets = ids[0, 1:]
+            expected = logps.gather(-1, targets[:, None])[len(pair.prompt) - 1:].sum().item()
+            key = (encode_id(groups.example_ids[group["index"]]), group["epoch"], column)
+            assert scores[key] == pytest.approx(expected, rel=1e-5, abs=1e-4), key
+
+
+@pytest.mark.parametrize("layout", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2",
+                                    "model.micro_batch_size=4"], ids=["tp2", "pp2", "dp2"])
+def test_parallel_layouts_score_alike(setup, layout, tmp_path):
+    scored = tmp_path / "scores.parquet"
+    ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={scored}",
+              "trainer.devices=2", "model.micro_batch_size=8", layout, nproc=2))
+    ours, reference = read_scores(scored), read_scores(setup["tp1"])
+    assert ours.keys() == reference.keys() and len(ours) == 512 * 2 * 3
+    keys = sorted(reference)
+    torch.testing.assert_close(torch.tensor([ours[k] for k in keys]), torch.tensor([reference[k] for k in keys]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_offline_training_matches_frozen_reference(setup):
+    root = setup["root"]
+    init = f"model.init_from={setup['init']}"
+    ok(script("train_dft.py", f"run.dir={root / 'frozen'}", *TRAIN, init))
+    ok(script("train_dft.py", f"run.dir={root / 'offline'}", *TRAIN, init, "dft.reference=offline",
+              f"dft.ref_logps={setup['tp1']}"))
+    # the offline file also serves pipeline parallelism, which the frozen reference does not
+    ok(script("train_dft.py", f"run.dir={root / 'offline_pp2'}", *TRAIN, init, "dft.reference=offline",
+              f"dft.ref_logps={setup['tp1']}", "trainer.devices=2", "model.pipeline_model_parallel_size=2", nproc=2))
+    frozen = metrics(root / "frozen")
+    assert len(frozen) == 4
+    for run in ("offline", "offline_pp2"):
+        offline = metrics(root / run)
+        for key in ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "grad_norm"):
+            torch.testing.assert_close(torch.tensor([m[key] for m in offline]),
+                                       torch.tensor([m[key] for m in frozen]), rtol=1e-5, atol=1e-5,
+                                       msg=f"{run}: {key}")
+        assert not (root / run / "reference").exists()  # no frozen copy was made
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "preempted"])
+def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path, stop):
+    """Killed, or stopped by the scheduler's signal (exit 75, shards flushed): the rerun completes
+    the same file."""
+    output = tmp_path / "resumed.parquet"
+    command = script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={output}",
+                     "model.micro_batch_size=8", "groups_per_shard=64")
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=subprocess_env())
+    partial = output.with_name(output.name + ".partial")
+    deadline = time.time() + 600
+    while not (partial.is_dir() and list(partial.glob("shard-*.parquet"))):
+        assert process.poll() is None, "the pass ended before its first shard"
+        assert time.time() < deadline, "no shard appeared"
+        time.sleep(0.05)
+    os.killpg(process.pid, stop)
+    code = process.wait(timeout=300)
+    assert code == (75 if stop == signal.SIGTERM else -signal.SIGKILL)
+    assert not output.exists()
+    result = ok(command)
+    summary = json.loads(result.stdout.split("reference log-probs: ", 1)[1])
+    assert summary["resumed_groups"] > 0 and summary["scored_groups"] < 1024
+    assert read_scores(output) == read_scores(setup["tp1"])  # bit for bit
+    assert not partial.exists()
+
+
+# ---- refusals ----------------------------------------------------------------------------------
+
+
+def fingerprint_of(*overrides: str) -> dict[str, str]:
+    from nemo_dft.config.training import load_config
+    from nemo_dft.modeling.tokenizer import load_tokenizer
+    from nemo_dft.reference import fingerprint
+
+    cfg = load_config(None, [*COMMON, *overrides])
+    return fingerprint.for_run(cfg, load_tokenizer(cfg).tokenizer)
+
+
+def tiny_dataset():
+    from transformers import AutoTokenizer
+
+    from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
+    from nemo_dft.data.io import read_rows
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+    return DFTGroupDataset(read_rows(TASK / "train.jsonl"), tokenizer, settings, "train.jsonl")
+
+
+def test_matching_file_loads(setup):
+    from nemo_dft.reference.table import load_reference_table
+
+    table = load_reference_table(setup["tp1"], tiny_dataset(), fingerprint_of(f"model.init_from={setup['init']}"))
+    assert table.shape == (512, 2, 2) and torch.isfinite(table).all() and (table < 0).all()
+
+
+def test_mismatching_file_is_refused_naming_what_differs(setup, tmp_path):
+    from nemo_dft.reference.table import load_reference_table
+
+    changed_data = tmp_path / "train.jsonl"
+    lines = (TASK / "train.jsonl").read_text().splitlines()
+    row = json.loads(lines[7])
+    row["real"][-1]["content"] += " x"
+    changed_data.write_text("\n".join([*lines[:7], json.dumps(row), *lines[8:]]) + "\n")
+
+    from transformers import AutoTokenizer
+
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+    other_tokenizer = tmp_path / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other_tokenizer)
+
+    other_checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(setup["init"], other_checkpoint)
+    [shard] = sorted((other_checkpoint / "weights").glob("*.distcp"))[:1]
+    with open(shard, "r+b") as handle:  # one changed weight byte is a different checkpoint
+        handle.seek(-100, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-100, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+    init = f"model.init_from={setup['init']}"
+    cases = {
+        "training data (data.path)": [init, f"data.path={changed_data}"],
+        "tokenizer (tokenizer.path)": [init, f"tokenizer.path={other_tokenizer}"],
+        "chat template": [init, "tokenizer.chat_template=alpaca"],
+        "truncation settings": [init, "data.max_length=48"],
+        "negative columns": [init, "dft.per_epoch_negatives=false"],
+        "reference weights (model.init_from)": [f"model.init_from={other_checkpoint}"],
+    }
+    for what, overrides in cases.items():
+        with pytest.raises(ValueError, match="does not match this run") as error:
+            load_reference_table(setup["tp1"], tiny_dataset(), fingerprint_of(*overrides))
+        assert what in str(error.value), (what, str(error.value))
+        assert str(error.value).count(";") == 0, f"only the {what} should differ: {error.value}"
+
+
+def test_training_refuses_a_stale_file_at_start(setup, tmp_path):
+    changed_data = tmp_path / "train.jsonl"
+    changed_data.write_text((TASK / "train.jsonl").read_text() + "\n")  # same rows, different bytes
+    result = run_child(script("train_dft.py", f"run.dir={tmp_path / 'run'}", *TRAIN, f"data.path={changed_data}",
+                              f"model.init_from={setup['init']}", "dft.reference=offline",
+                              f"dft.ref_logps={setup['tp1']}"))
+    assert result.returncode == 2
+    assert "dft.ref_logps" in result.stderr and "the training data (data.path) has different content" in result.stderr
+
+
+def test_file_missing_ids_is_refused(setup, tmp_path):
+    import pyarrow.parquet as pq
+
+    from nemo_dft.reference.table import load_reference_table
+
+    table = pq.read_table(setup["tp1"])
+    rows = [r for r in table.to_pylist() if not (r["id"] == json.dumps(5) and r["epoch"] == 1)]
+    assert len(rows) == table.num_rows - 3
+    partial = tmp_path / "partial.parquet"
+    pq.write_table(pq.read_table(setup["tp1"]).from_pylist(rows, schema=table.schema), partial)
+    with pytest.raises(ValueError, match=r'2 reference log-probs this run needs are missing \(id=5 epoch=1'):
+        load_reference_table(partial, tiny_dataset(), fingerprint_of(f"model.init_from={setup['init']}"))
