@@ -10,6 +10,9 @@ Extra keys:
   groups_per_shard=N       groups per partial shard (default 1024); an interrupted pass resumes
                            from the shards in PATH.partial/
 
+Console: NeMo, Megatron and Lightning messages go to <run.dir>/logs/console/rank0.log (--verbose
+prints them too).
+
 Then train with:  dft.reference=offline dft.ref_logps=PATH
 The file records a fingerprint of the data, tokenizer, chat template, truncation settings,
 negative columns and checkpoint; training refuses a file whose fingerprint differs.
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 EXTRA_KEYS = ("output", "groups_per_shard")
@@ -47,6 +49,9 @@ def split_extra(overrides: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from nemo_dft.platform import console
+
+    console.configure(None, verbose=args.verbose)  # library messages are kept until run.dir is known
     from omegaconf import OmegaConf
 
     from nemo_dft.config.training import ConfigError, TrainConfig, data_parallel_size, load_structured, validate
@@ -71,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg) + f"output: {output}\ngroups_per_shard: {groups_per_shard}")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_file = console.configure(cfg.run.dir, verbose=args.verbose)
+    if console.process_rank() == 0 and not args.verbose:
+        print(f"scoring {cfg.data.path} with {cfg.model.init_from} into {output}; library messages: {log_file}",
+              flush=True)
     from nemo_dft.platform.signals import EXIT_PREEMPTED, parse_signals
     from nemo_dft.reference.scoring import ScoringInterrupted, score
 

@@ -24,6 +24,9 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   checkpoint.every_n_steps                 0: only at the end; a rerun with the same run.dir resumes
   trainer.preemption_signals               default [SIGTERM, SIGUSR1]: checkpoint after the step, exit 75
 
+Console: the key settings, the progress bar, warnings that matter and the summary; NeMo, Megatron
+and Lightning messages go to <run.dir>/logs/console/rank0.log (--verbose prints them too).
+
 Exit codes: 0 trained, 2 configuration error, 75 stopped by a signal with a checkpoint saved
 (rerun with the same run.dir to resume), anything else a failure.
 """
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 
@@ -45,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from nemo_dft.platform import console
+
+    console.configure(None, verbose=args.verbose)  # library messages are kept until run.dir is known
     from omegaconf import OmegaConf
 
     from nemo_dft.config.training import ConfigError, load_config
@@ -57,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from nemo_dft.config.summary import key_settings
+
+    log_file = console.configure(cfg.run.dir, verbose=args.verbose)
+    if console.process_rank() == 0:
+        print("DFT " + "\n    ".join(key_settings(cfg)), flush=True)
+        if not args.verbose:
+            print(f"    library messages: {log_file} (--verbose prints them here)", flush=True)
     from nemo_dft.training.train import train
 
     try:

@@ -38,11 +38,14 @@ def load_structured(schema: type, config_file: str | Path | None, overrides: lis
 
 def config_argument_parser(description: str, epilog: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The command line every config-driven script shares: ``[--config FILE] [--print-config]
-    [key=value ...]``, with ``epilog`` (the main keys) kept as written."""
+    [--verbose] [key=value ...]``, with ``epilog`` (the main keys) kept as written."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file merged over the defaults")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print NeMo/Megatron/Lightning INFO messages and known-harmless library "
+                             "warnings (they always go to <run.dir>/logs/console/rank0.log)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser

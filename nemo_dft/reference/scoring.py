@@ -28,6 +28,7 @@ from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
 from nemo_dft.modeling.logprob_model import LogProbGPTModel
 from nemo_dft.modeling.logprobs import sequence_logps
 from nemo_dft.platform.collectives import any_rank
+from nemo_dft.platform.console import adopt_library_logging
 from nemo_dft.platform.signals import SignalLatch
 from nemo_dft.reference import store
 from nemo_dft.reference.table import expected_groups
@@ -124,6 +125,7 @@ class _ShardWriterCallback(Callback):
         self.latch = SignalLatch(signals)
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        trainer.validate_loop.verbose = False  # no results table: the pass's loss is a placeholder 0
         if _is_writer():  # the parallel state exists from here on
             self.writer = store.ShardWriter(self.output, self.stamp, self.groups_per_shard)
             self.bar = tqdm(total=self.total, desc="scoring groups", unit="group")
@@ -200,6 +202,7 @@ def score(cfg: DictConfig, output: str | Path, groups_per_shard: int, signals: l
     from nemo_dft.platform.precision import precision_plugin
     from nemo_dft.reference import fingerprint
 
+    adopt_library_logging()
     output = Path(output).resolve()
     on_gpu = enable_device(cfg)
     tokenizer = load_tokenizer(cfg)

@@ -15,6 +15,7 @@ from nemo_dft.data.dataset import DFTGroupDataset, group_settings
 from nemo_dft.data.io import read_rows
 from nemo_dft.modeling.runtime import enable_device, make_strategy, slurm_plugins
 from nemo_dft.modeling.tokenizer import load_tokenizer
+from nemo_dft.platform.console import adopt_library_logging
 from nemo_dft.platform.precision import precision_plugin
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_dft.training.model import DFTModel
     from nemo_dft.training.preemption import PreemptionStop
 
+    adopt_library_logging()
     run_dir = Path(cfg.run.dir).resolve()
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg, tokenizer.tokenizer)
