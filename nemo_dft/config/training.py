@@ -105,6 +105,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = True  # event files in run.dir/tensorboard/
+    wandb_project: str | None = None  # W&B on when set; files in run.dir/wandb/
+    wandb_name: str | None = None  # None: the name of run.dir
+    wandb_mode: str = "online"  # online | offline (no network; `wandb sync run.dir/wandb/offline-run-*` later)
+
+
+@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -114,6 +122,7 @@ class TrainConfig:
     dft: DFTConfig = field(default_factory=DFTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -213,5 +222,12 @@ def validate(cfg: DictConfig) -> None:
         parse_signals(list(cfg.trainer.preemption_signals))
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    _require(cfg.log.wandb_mode in ("online", "offline"), "log.wandb_mode",
+             f"{cfg.log.wandb_mode!r} is not online or offline")
+    if cfg.log.wandb_project:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None, "log.wandb_project",
+                 "W&B logging needs the wandb package (pip install wandb)")
     _require(cfg.trainer.accelerator in ("auto", "cpu", "gpu"), "trainer.accelerator",
              f"{cfg.trainer.accelerator!r} is not auto, cpu or gpu")

@@ -88,6 +88,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     from nemo_dft.modeling.gpt_config import make_gpt_config  # imports NeMo: after the device set-up
     from nemo_dft.platform.signals import parse_signals
+    from nemo_dft.training.experiment_loggers import ScalarsToLoggers, make_loggers
     from nemo_dft.training.loss_reduction import DFTHyperParameters
     from nemo_dft.training.metrics import MetricsJsonl
     from nemo_dft.training.model import DFTModel
@@ -167,7 +168,9 @@ def train(cfg: DictConfig) -> TrainResult:
         max_steps=max_steps,
         strategy=strategy,
         plugins=[precision_plugin(cfg.model), *slurm_plugins()],
-        callbacks=[metrics, preemption],
+        callbacks=[metrics, ScalarsToLoggers(metrics), preemption],
+        logger=False,  # NeMoLogger sets the run's own loggers (in run.dir, not ./lightning_logs)
+        default_root_dir=str(run_dir),
         log_every_n_steps=1,
         limit_val_batches=eval_batches,
         num_sanity_val_steps=eval_batches,
@@ -191,7 +194,7 @@ def train(cfg: DictConfig) -> TrainResult:
     # NeMo moves every file at the top of its log directory into run_N/ when a run restarts, so
     # its logs live in logs/ and metrics.jsonl and config.yaml stay put at the top of run.dir.
     nemo_logger = nl.NeMoLogger(
-        explicit_log_dir=str(run_dir / "logs"), ckpt=checkpoint, tensorboard=None, wandb=None,
+        explicit_log_dir=str(run_dir / "logs"), ckpt=checkpoint, **make_loggers(cfg, run_dir),
         update_logger_directory=False,
     )
     resume = nl.AutoResume(
