@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from nemo_dft.training.u_table import UTable
 
 # Sums carried per micro-batch; means are taken over the global batch in ``reduce``.
-STAT_NAMES = ("loss", "examples", "u", "weight", "pos_logps", "neg_logps", "rank_correct", "response_tokens", "tokens")
+STAT_NAMES = ("loss", "examples", "u", "weight", "pos_logps", "neg_logps", "rank_correct", "response_tokens", "tokens",
+              "padded_tokens", "padded_token_pairs")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class DFTLossReduction(MegatronLossReduction):
         )
         stats[7] = pos_len.sum() + neg_len.sum()
         stats[8] = batch["lengths"].sum()
+        rows, width = batch["loss_mask"].shape  # computed positions, for the FLOPs count (throughput.py)
+        stats[9], stats[10] = rows * width, rows * width * width
         if self.evaluation:
             loss_sum = (pos.sum() * 0.0).detach()
             return loss_sum, torch.tensor(examples, device=pos.device), {"stats": stats.to(pos.device)}
@@ -132,4 +135,6 @@ def summarize(totals: torch.Tensor) -> dict[str, torch.Tensor]:
         "examples": stats["examples"].float(),
         "response_tokens": stats["response_tokens"].float(),
         "tokens": stats["tokens"].float(),
+        "padded_tokens": stats["padded_tokens"].float(),
+        "padded_token_pairs": stats["padded_token_pairs"].float(),
     }

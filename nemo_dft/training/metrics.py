@@ -12,8 +12,10 @@ import torch
 from tqdm import tqdm
 
 from nemo_dft.platform.collectives import broadcast_from_last_stage
+from nemo_dft.training.throughput import Throughput
 
-METRIC_KEYS = ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "rank_acc", "tokens")
+METRIC_KEYS = ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "rank_acc")
+COUNT_KEYS = ("tokens", "padded_tokens", "padded_token_pairs")  # for throughput, not written themselves
 
 
 def metrics_from_last_stage(values: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
@@ -23,15 +25,28 @@ def metrics_from_last_stage(values: dict[str, float], keys: tuple[str, ...]) -> 
     return dict(zip(keys, vector.tolist(), strict=True))
 
 
+def progress_fields(record: dict) -> dict[str, str]:
+    """The progress bar's numbers: loss, ranking accuracy, tokens/s, TFLOP/s per device and MFU."""
+    fields = {"loss": f"{record['loss']:.3f}", "rank_acc": f"{record['rank_acc']:.2f}",
+              "tok/s": f"{record['tokens_per_s']:.0f}"}
+    if record.get("tflops_per_device") is not None:
+        fields["TFLOP/s"] = f"{record['tflops_per_device']:.3g}"
+    if record.get("mfu") is not None:
+        fields["MFU"] = f"{100 * record['mfu']:.1f}%"
+    return fields
+
+
 class MetricsJsonl(pl.Callback):
-    """Appends ``{"step", "loss", "lr", "grad_norm", ..., "tokens_per_s"}`` per step to a file.
+    """Appends ``{"step", "loss", "lr", "grad_norm", ..., "tokens_per_s", "tflops_per_device", "mfu"}``
+    per step to a file (throughput: nemo_dft/training/throughput.py).
 
     Every rank takes part in the pipeline broadcast; global rank 0 writes.  The file is opened
     in append mode so a resumed run continues it.
     """
 
-    def __init__(self, path: Path, progress_bar: bool = True) -> None:
+    def __init__(self, path: Path, progress_bar: bool = True, throughput: Throughput | None = None) -> None:
         self.path = Path(path)
+        self.throughput = throughput
         self.progress_bar = progress_bar
         self._bar: tqdm | None = None
         self._last_time: float | None = None
@@ -61,20 +76,23 @@ class MetricsJsonl(pl.Callback):
         now = time.perf_counter()
         elapsed = max(now - (self._last_time or now), 1e-9)
         self._last_time = now
-        values = metrics_from_last_stage(pl_module.last_train_metrics, METRIC_KEYS)
+        values = metrics_from_last_stage(pl_module.last_train_metrics, METRIC_KEYS + COUNT_KEYS)
         grad_norm = trainer.callback_metrics.get("grad_norm")
         record = {
             "step": int(trainer.global_step),
-            **{k: values[k] for k in METRIC_KEYS if k != "tokens"},
+            **{k: values[k] for k in METRIC_KEYS},
             "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": values["tokens"] / elapsed,
             "step_s": elapsed,
         }
+        if self.throughput is not None:
+            record.update(self.throughput.measure(values["tokens"], values["padded_tokens"],
+                                                  values["padded_token_pairs"], elapsed))
         self.history.append(record)
         pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{record['loss']:.3f}", rank_acc=f"{record['rank_acc']:.2f}", refresh=False)
+            self._bar.set_postfix(progress_fields(record), refresh=False)
             self._bar.update(1)
         if trainer.global_rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)

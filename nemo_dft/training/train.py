@@ -88,6 +88,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     from nemo_dft.modeling.gpt_config import make_gpt_config  # imports NeMo: after the device set-up
     from nemo_dft.platform.signals import parse_signals
+    from nemo_dft.training import throughput
     from nemo_dft.training.experiment_loggers import ScalarsToLoggers, make_loggers
     from nemo_dft.training.loss_reduction import DFTHyperParameters
     from nemo_dft.training.metrics import MetricsJsonl
@@ -158,7 +159,8 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_dft.training.strategy import DFTMegatronStrategy
 
     strategy = make_strategy(cfg, gpt_config, on_gpu, DFTMegatronStrategy)
-    metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar)
+    metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar,
+                           throughput=throughput.for_run(cfg, gpt_config, tokenizer.vocab_size, on_gpu))
     preemption = PreemptionStop(parse_signals(list(cfg.trainer.preemption_signals)))
     val_interval = cfg.trainer.val_check_interval or max_steps
     trainer = nl.Trainer(

@@ -37,6 +37,9 @@ def test_demo_command_is_quiet_and_writes_only_under_run_dir(tmp_path):
     kept = (cwd / "run" / "logs" / "console" / "rank0.log").read_text()
     assert "has data parallel group" in kept and "Params for bucket" in kept
     assert sorted(p.name for p in cwd.iterdir()) == ["run"]
+    for record in metrics:  # throughput: padding is processed too; no known peak on CPU
+        assert record["processed_tokens_per_s"] >= record["tokens_per_s"] > 0
+        assert record["tflops_per_device"] > 0 and record["mfu"] is None
     # TensorBoard (on by default): the same scalars as metrics.jsonl, in run.dir/tensorboard/
     scalars = tensorboard_scalars(cwd / "run" / "tensorboard")
     assert [e.step for e in scalars["train/loss"]] == [r["step"] for r in metrics]
@@ -70,7 +73,7 @@ def test_wandb_offline_writes_under_run_dir(tmp_path):
     metrics = [json.loads(line) for line in (cwd / "run" / "metrics.jsonl").read_text().splitlines()]
     # the run's transaction log (protobuf records) holds every logged loss, as JSON text
     log = next(offline.glob("*.wandb")).read_bytes()
-    assert b"train/loss" in log
+    assert b"train/loss" in log and b"train/tflops_per_device" in log
     for record in metrics:
         assert json.dumps(record["loss"]).encode() in log
     assert not (cwd / "run" / "tensorboard").exists()

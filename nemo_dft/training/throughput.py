@@ -1,0 +1,132 @@
+"""Model FLOPs of a DFT step, TFLOP/s per device and MFU.
+
+The FLOPs formula (dense decoder, matrix multiplications only, 2 FLOPs per multiply-add, attention
+over the full padded length with no discount for the causal mask, as in Megatron's classic count).
+For a micro-batch of R sequences padded to S positions, with h = hidden_size, f = ffn_hidden_size,
+q = num_attention_heads * kv_channels, k = num_query_groups * kv_channels, V = padded vocabulary
+and L layers, one forward pass costs
+
+    forward = L * [ 2RS h (q + 2k)          QKV projections
+                  + 4RS^2 q                  scores Q K^T and their product with V
+                  + 2RS q h                  attention output projection
+                  + 2RS h f (3 if gated else 2) ] MLP (SwiGLU: two input matrices and one output)
+              + 2RS h V                      output layer (logits)
+
+i.e. ``linear * RS + quadratic * RS^2`` summed over the micro-batches of the step.  A backward
+pass costs twice its forward.  A DFT step is one policy forward and backward over all 1 + m
+sequences of every prompt, plus one reference forward over the same sequences when the frozen
+reference is scored on the fly (dft.reference=frozen, not ref_free); an offline reference costs
+nothing in the step.  So ``step = (3 + reference) * forward``.  Padding positions are counted:
+they are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets; SXM boards unless named.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756.0, "fp8": 1513.0},
+    "H100 NVL": {"bf16": 835.0, "fp8": 1671.0},
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "A100": {"bf16": 312.0},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int  # padded, as the output layer has it
+    gated_mlp: bool
+
+    @classmethod
+    def from_gpt_config(cls, config, vocab_size: int) -> ModelShape:
+        """From a NeMo GPT config and the tokenizer's vocabulary (padded as NeMo pads it)."""
+        heads = config.num_attention_heads
+        multiple = (getattr(config, "make_vocab_size_divisible_by", 128) or 1) * config.tensor_model_parallel_size
+        return cls(
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            ffn_hidden_size=config.ffn_hidden_size or 4 * config.hidden_size,
+            num_attention_heads=heads,
+            num_query_groups=config.num_query_groups or heads,
+            kv_channels=config.kv_channels or config.hidden_size // heads,
+            vocab_size=-(-vocab_size // multiple) * multiple,
+            gated_mlp=bool(config.gated_linear_unit),
+        )
+
+    def forward_coefficients(self) -> tuple[float, float]:
+        """(FLOPs per padded token, FLOPs per padded token pair) of one forward pass."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        q = self.num_attention_heads * self.kv_channels
+        k = self.num_query_groups * self.kv_channels
+        per_layer = 2 * h * (q + 2 * k) + 2 * q * h + 2 * h * f * (3 if self.gated_mlp else 2)
+        linear = self.num_layers * per_layer + 2 * h * self.vocab_size
+        quadratic = self.num_layers * 4 * q
+        return float(linear), float(quadratic)
+
+    def forward_flops(self, tokens: float, token_pairs: float) -> float:
+        """Forward FLOPs of micro-batches with ``tokens`` = sum of R*S and ``token_pairs`` = sum of R*S^2."""
+        linear, quadratic = self.forward_coefficients()
+        return linear * tokens + quadratic * token_pairs
+
+
+def step_flops(shape: ModelShape, tokens: float, token_pairs: float, reference_forward: bool) -> float:
+    """Model FLOPs of one DFT optimizer step (all ranks together); see the module docstring."""
+    return (3 + int(reference_forward)) * shape.forward_flops(tokens, token_pairs)
+
+
+def peak_tflops(device_name: str | None, precision: str, fp8: str | None) -> float | None:
+    """The device's dense peak for the run's math (bf16/fp16 or FP8); None where unknown (CPU, fp32,
+    a device not in the table)."""
+    if not device_name:
+        return None
+    kind = "fp8" if fp8 else "bf16" if precision in ("bf16", "fp16") else None
+    if kind is None:
+        return None
+    for name, peaks in PEAK_TFLOPS.items():  # the more specific names come first
+        if name in device_name:
+            return peaks.get(kind)
+    return None
+
+
+@dataclass
+class Throughput:
+    """Per-step throughput numbers for metrics.jsonl and the progress bar."""
+
+    shape: ModelShape
+    reference_forward: bool
+    world_size: int
+    peak: float | None  # TFLOP/s per device
+
+    def measure(self, real_tokens: float, tokens: float, token_pairs: float, seconds: float) -> dict[str, float | None]:
+        flops = step_flops(self.shape, tokens, token_pairs, self.reference_forward)
+        tflops = flops / seconds / self.world_size / 1e12
+        return {
+            "tokens_per_s": real_tokens / seconds,
+            "processed_tokens_per_s": tokens / seconds,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+        }
+
+
+def for_run(cfg, gpt_config, vocab_size: int, on_gpu: bool) -> Throughput:
+    """The throughput meter of a training run: its model shape, reference mode, devices and peak."""
+    device = None
+    if on_gpu:
+        import torch
+
+        device = torch.cuda.get_device_name()
+    return Throughput(
+        shape=ModelShape.from_gpt_config(gpt_config, vocab_size),
+        reference_forward=not cfg.dft.ref_free and cfg.dft.reference == "frozen",
+        world_size=cfg.trainer.devices * cfg.trainer.num_nodes,
+        peak=peak_tflops(device, cfg.model.precision, cfg.model.fp8),
+    )
