@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,6 +36,8 @@ def main(
 ) -> int:
     """Parse, load the config, run ``action``; expected errors print one line and exit 2."""
     args = build_parser(prog, description).parse_args(argv)
+    if not args.verbose:  # vLLM's INFO lines (about 80 per run) only with --verbose
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:

@@ -37,6 +37,14 @@ class MergeReport:
     counts: dict[str, int]
 
 
+def count_from_names(out_dir: str | Path) -> int | None:
+    """The shard count that the names of the shard files carry (``shard-00000-of-00002``), when
+    they all carry the same one; None when there are none or they disagree."""
+    counts = {parsed[1] for path in (Path(out_dir) / SHARD_DIR).glob("shard-*.parquet")
+              if (parsed := parse_shard_name(path.name)) is not None}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def _check_shard_files(out_dir: Path, count: int) -> None:
     shard_dir = out_dir / SHARD_DIR
     if not shard_dir.is_dir():

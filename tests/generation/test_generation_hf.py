@@ -247,3 +247,24 @@ def test_empty_samples_fail_under_fail_policy_or_when_rounds_run_out(
     with pytest.raises(GenerationError, match=r"still empty after 2 resample rounds \(ids \[6\]"):
         run_generation(cfg, backend=ScriptedBackend(tiny_tokenizer, {6: {0, 1, 2}}), tokenizer=tiny_tokenizer)
     assert _shard_files(tmp_path / "out") == []
+
+
+def test_merge_script_reads_the_shard_count_from_the_shard_names(make_cfg, tmp_path) -> None:
+    from nemo_dft.generation.merge import count_from_names
+
+    run_generation(make_cfg(**{"shard.count": 2, "merge.after_all_shards": False}))
+    out = tmp_path / "out"
+    assert _shard_files(out) == ["shard-00000-of-00002.parquet", "shard-00001-of-00002.parquet"]
+    assert count_from_names(out) == 2
+    merged = tmp_path / "merged.parquet"
+    command = [sys.executable, str(REPO / "scripts" / "merge_negatives.py"), f"output.dir={out}",
+               f"merge.output={merged}"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    merge_shards(out, 2, tmp_path / "by_count.parquet")
+    assert read_rows(merged) == read_rows(tmp_path / "by_count.parquet") and len(read_rows(merged)) == 7
+    # names that disagree carry no count: the merge refuses them, naming the stray file
+    write_shard(shard_path(out, 0, 3), read_rows(merged)[:1], {})
+    assert count_from_names(out) is None
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "shard-00000-of-00003.parquet" in proc.stderr

