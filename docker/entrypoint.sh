@@ -6,7 +6,10 @@
 set -euo pipefail
 
 APP_DIR="${NEMO_DFT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"  # the checkout in the image
-PYTHON="${PYTHON:-python}"  # the generation image sets python3
+# The generation image sets PYTHON=python3; outside an image, the checkout's .venv/ (make env).
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "${APP_DIR}/.venv/bin/python" ]]; then PYTHON="${APP_DIR}/.venv/bin/python"; else PYTHON=python; fi
+fi
 
 usage() {
     cat <<HELP

@@ -5,8 +5,11 @@ copy task shipped in nemo_dft/demo/assets, on CPU, and prints a summary.
 
 Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_size=2):
   run.dir, run.seed                        output directory (metrics.jsonl, checkpoints), seed
-  trainer.devices, trainer.num_nodes       processes (launch with torchrun when devices > 1)
+  trainer.devices, trainer.num_nodes       processes per node (on one node started by this script;
+                                           torchrun works too) and nodes (torchrun or Slurm)
   trainer.max_steps                        default: all epochs of data.num_epochs
+  trainer.val_check_interval               held-out evaluation every N steps (default: before and after)
+  trainer.progress_bar                     true | false
   model.arch                               mistral | llama | gpt
   model.init_from                          NeMo checkpoint with the initial weights (default: random init)
   model.preset                             tiny (the demo shape) | null (the architecture's own, e.g. Mistral-7B)
@@ -21,8 +24,11 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   dft.num_negatives, dft.tau, dft.gamma, dft.u_init, dft.ref_free, dft.per_epoch_negatives
   dft.reference, dft.ref_logps             frozen (on the fly) | offline (file from precompute_ref_logps.py)
   data.path, data.eval_path, data.num_epochs, data.max_length, data.max_prompt_length
+  data.shuffle, data.add_bos               shuffle each epoch; prepend BOS where the template does not
   checkpoint.every_n_steps                 0: only at the end; a rerun with the same run.dir resumes
   trainer.preemption_signals               default [SIGTERM, SIGUSR1]: checkpoint after the step, exit 75
+  log.tensorboard                          default true: event files in run.dir/tensorboard/
+  log.wandb_project, log.wandb_mode        W&B when a project is set: online | offline (files in run.dir/wandb/)
 
 Console: the key settings, the progress bar, warnings that matter and the summary; NeMo, Megatron
 and Lightning messages go to <run.dir>/logs/console/rank0.log (--verbose prints them too).

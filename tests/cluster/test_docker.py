@@ -144,7 +144,8 @@ def stub_python(tmp_path: Path) -> Path:
 
 def run_entrypoint(stub: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str] | None]:
     record = stub / "argv"
-    env = {"PATH": f"{stub / 'bin'}:/usr/bin:/bin", "RECORD": str(record), "HOME": str(stub)}
+    # PYTHON=python: the stand-in on PATH (as in the training image, which has no .venv/)
+    env = {"PATH": f"{stub / 'bin'}:/usr/bin:/bin", "RECORD": str(record), "HOME": str(stub), "PYTHON": "python"}
     proc = subprocess.run(["bash", str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=30)
     argv = record.read_text().split("\0")[:-1] if record.exists() else None
     return proc, argv
@@ -178,3 +179,13 @@ def test_entrypoint_runs_other_commands(stub_python: Path) -> None:
 def test_entrypoint_passes_the_exit_status_on(stub_python: Path) -> None:
     proc, _ = run_entrypoint(stub_python, "bash", "-c", "exit 75")
     assert proc.returncode == 75
+
+
+def test_entrypoint_outside_docker_uses_the_checkouts_venv(tmp_path: Path) -> None:
+    """Without PYTHON and with no environment on PATH, `train` runs with the checkout's .venv/."""
+    assert (REPO / ".venv" / "bin" / "python").exists(), "make env creates .venv/"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ENTRYPOINT), "train", "--help"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Discriminative Fine-Tuning" in proc.stdout and "trainer.devices" in proc.stdout
