@@ -223,9 +223,22 @@ class ScriptedBackend:
         return [[[self.eos] if r.seed in self.empty else self.ok for _ in range(r.n)] for r in requests]
 
 
+def test_empty_samples_are_kept_by_default_as_in_the_paper(make_cfg, tmp_path, tiny_tokenizer) -> None:
+    backend = ScriptedBackend(tiny_tokenizer, {4: {0}, 5: {0}})
+    report = run_generation(make_cfg(), backend=backend, tokenizer=tiny_tokenizer)
+    counts = report.merged.counts
+    assert counts["empty_first_pass"] == 2 * K and counts["empty_kept"] == 2 * K and counts["resampled"] == 0
+    assert len(backend.requests) == 7  # no second round
+    rows = {r["id"]: r for r in _merged(tmp_path / "out")}
+    for example_id, row in rows.items():
+        expected = "" if example_id in (4, 5) else "ok"
+        assert [row[f"generated_{k}"][1]["content"] for k in range(K)] == [expected] * K
+    validate_dft_rows(list(rows.values()), "negatives.parquet", min_negatives=K)  # the trainer reads them
+
+
 def test_empty_samples_are_resampled_and_counted(make_cfg, tmp_path, tiny_tokenizer) -> None:
     backend = ScriptedBackend(tiny_tokenizer, {4: {0, 1}, 5: {0}})
-    report = run_generation(make_cfg(), backend=backend, tokenizer=tiny_tokenizer)
+    report = run_generation(make_cfg(**{"sampling.on_empty": "resample"}), backend=backend, tokenizer=tiny_tokenizer)
     counts = report.merged.counts
     assert counts["empty_first_pass"] == 2 * K and counts["resampled"] == 3 * K
     assert counts["resample_rounds"] == 2
@@ -243,7 +256,7 @@ def test_empty_samples_fail_under_fail_policy_or_when_rounds_run_out(
     cfg = make_cfg(**{"sampling.on_empty": "fail"})
     with pytest.raises(GenerationError, match=r"3 empty samples \(ids \[5\]"):
         run_generation(cfg, backend=ScriptedBackend(tiny_tokenizer, {5: {0}}), tokenizer=tiny_tokenizer)
-    cfg = make_cfg(**{"sampling.max_resample_rounds": 2})
+    cfg = make_cfg(**{"sampling.on_empty": "resample", "sampling.max_resample_rounds": 2})
     with pytest.raises(GenerationError, match=r"still empty after 2 resample rounds \(ids \[6\]"):
         run_generation(cfg, backend=ScriptedBackend(tiny_tokenizer, {6: {0, 1, 2}}), tokenizer=tiny_tokenizer)
     assert _shard_files(tmp_path / "out") == []
