@@ -16,6 +16,8 @@ from nemo_dft.data.rows import RowError, validate_dft_rows
 from nemo_dft.data.tokenize import TokenizedPair, render, tokenize_pair, truncate_group
 from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
 
+from .paper_rule import paper_trainer_row
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -180,31 +182,6 @@ def test_embedded_task_is_valid(tokenizer):
 
 
 # ---- the paper trainer's tokenization (appended EOS, truncation over every epoch's negatives) ----
-
-
-def paper_trainer_row(tokenizer, row, columns, max_length, max_prompt_length, append_eos=True):
-    """(prompt ids, response ids) per column as the paper's trainer (TRL 0.11 tokenization, the rule
-    in the shared reference dft-algorithm.md) makes them, straight from the HF tokenizer."""
-    pairs = []
-    for column in columns:
-        chat = row[column]
-        prompt_text = tokenizer.apply_chat_template(chat[:-1], tokenize=False)
-        full_text = tokenizer.apply_chat_template(chat, tokenize=False)
-        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        start = len(prompt) if full[: len(prompt)] == prompt else len(prompt) - 1
-        prompt, response = full[:start], full[start:]
-        if not prompt or prompt[0] != tokenizer.bos_token_id:
-            prompt = [tokenizer.bos_token_id, *prompt]
-        if append_eos and (not response or response[-1] != tokenizer.eos_token_id):
-            response = [*response, tokenizer.eos_token_id]
-        pairs.append((prompt, response))
-    longest = max(len(r) for _, r in pairs)
-    prompts = [p[-max_prompt_length:] if len(p) + longest > max_length else p for p, _ in pairs]
-    return [
-        (p, r[: max_length - max_prompt_length] if len(p) + longest > max_length else r)
-        for p, (_, r) in zip(prompts, pairs, strict=True)
-    ]
 
 
 def scored_tokens(dataset, item):
