@@ -97,6 +97,9 @@ class DataConfig:
     max_prompt_length: int = 32
     shuffle: bool = True
     add_bos: bool = True
+    # The paper trainer's rule: append EOS to every response whose last token is not EOS (with the
+    # zephyr template responses then end </s> \n </s>); false scores the template's text only.
+    append_eos: bool = True
 
 
 @dataclass

@@ -4,6 +4,9 @@ Item ``j`` is example ``order_e[j mod N]`` of epoch ``e = j // N``: one positive
 negatives that epoch uses (``e*m .. e*m+m-1`` with per-epoch negatives, else ``0..m-1``).  The
 unrolled view makes the epoch, the shuffle and the negative block pure functions of the number
 of consumed samples, which is what Megatron's samplers count and checkpoint.
+
+Truncation is decided once per row, over the positive and every negative column the run uses (all
+epochs' blocks), as the paper's trainer does; every epoch then reads the same cut sequences.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from nemo_dft.data.rows import ID_COLUMN, POSITIVE_COLUMN, negative_column, validate_dft_rows
+from nemo_dft.data.rows import ID_COLUMN, POSITIVE_COLUMN, negative_column, normalize_rows, validate_dft_rows
 from nemo_dft.data.tokenize import ChatTokenizer, TokenizedPair, render, tokenize_pair, truncate_group
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class GroupSettings:
     shuffle: bool = True
     seed: int = 1234
     add_bos: bool = True
+    append_eos: bool = True  # the paper trainer's EOS after every response not ending in one
 
     def __post_init__(self) -> None:
         if self.num_negatives < 1:
@@ -73,6 +77,7 @@ class DFTGroupDataset(torch.utils.data.Dataset):
         settings: GroupSettings,
         source: str,
     ) -> None:
+        rows = normalize_rows(rows, source)
         validate_dft_rows(rows, source, settings.negatives_needed)
         self.settings = settings
         self.source = source
@@ -80,8 +85,9 @@ class DFTGroupDataset(torch.utils.data.Dataset):
         self.example_ids: list[Any] = [row.get(ID_COLUMN, i) for i, row in enumerate(rows)]
         columns = [POSITIVE_COLUMN] + [negative_column(k) for k in range(settings.negatives_needed)]
         self._pairs: list[dict[str, TokenizedPair]] = []
+        self._row_truncated: list[bool] = []
         for index, row in enumerate(tqdm(rows, desc=f"tokenizing {source}", disable=len(rows) < 5000)):
-            encoded: dict[str, TokenizedPair] = {}
+            encoded: list[TokenizedPair] = []
             for column in columns:
                 try:
                     prompt, response = render(tokenizer, row[column])
@@ -90,21 +96,25 @@ class DFTGroupDataset(torch.utils.data.Dataset):
                         f"{source}: row {index} (id={self.example_ids[index]!r}), column '{column}': "
                         f"chat template failed: {err}"
                     ) from err
-                encoded[column] = tokenize_pair(tokenizer, prompt, response, settings.add_bos)
-            self._pairs.append(encoded)
+                encoded.append(tokenize_pair(tokenizer, prompt, response, settings.add_bos, settings.append_eos))
+            row_group = truncate_group(encoded, settings.max_length, settings.max_prompt_length)
+            self._pairs.append(dict(zip(columns, row_group.pairs, strict=True)))
+            self._row_truncated.append(row_group.truncated)
         generator = torch.Generator().manual_seed(settings.seed)
         self._orders = [
             torch.randperm(len(rows), generator=generator).tolist() if settings.shuffle else list(range(len(rows)))
             for _ in range(settings.num_epochs)
         ]
-        truncated = sum(self.group(j)["truncated"] for j in range(len(self)))
-        if truncated:
+        truncated_rows = sum(self._row_truncated)
+        if truncated_rows:
             logger.warning(
-                "%s: %d of %d groups exceed data.max_length=%d and were truncated (prompt kept to its "
-                "last data.max_prompt_length=%d tokens, then responses cut)",
-                source, truncated, len(self), settings.max_length, settings.max_prompt_length,
+                "%s: %d of %d rows exceed data.max_length=%d with their longest response over the positive "
+                "and all %d negative columns, and were truncated in every epoch (prompt kept to its last "
+                "data.max_prompt_length=%d tokens, then responses cut)",
+                source, truncated_rows, len(rows), settings.max_length, settings.negatives_needed,
+                settings.max_prompt_length,
             )
-        self.num_truncated = truncated
+        self.num_truncated = truncated_rows * settings.num_epochs  # groups over all epochs
 
     def attach_reference(self, table: torch.Tensor) -> None:
         """Offline reference log-probs, [examples, epochs with distinct negatives, m]; each group
@@ -128,10 +138,8 @@ class DFTGroupDataset(torch.utils.data.Dataset):
     def group(self, item: int) -> dict[str, Any]:
         epoch, index = self.locate(item)
         columns = [POSITIVE_COLUMN] + [negative_column(k) for k in self.settings.negative_columns(epoch)]
-        grouped = truncate_group(
-            [self._pairs[index][c] for c in columns], self.settings.max_length, self.settings.max_prompt_length
-        )
-        group = {"index": index, "epoch": epoch, "pairs": grouped.pairs, "truncated": grouped.truncated}
+        pairs = [self._pairs[index][c] for c in columns]
+        group = {"index": index, "epoch": epoch, "pairs": pairs, "truncated": self._row_truncated[index]}
         if self.reference_logps is not None:
             group["ref_neg_logps"] = self.reference_logps[index, self.settings.negative_block(epoch)]
         return group
@@ -151,4 +159,5 @@ def group_settings(cfg: Any) -> GroupSettings:
         shuffle=cfg.data.shuffle,
         seed=cfg.run.seed,
         add_bos=cfg.data.add_bos,
+        append_eos=cfg.data.append_eos,
     )

@@ -1,4 +1,9 @@
-"""Validation of 1-to-m rows: ``real`` plus ``generated_0..K-1`` chats sharing one prompt."""
+"""Validation of 1-to-m rows: ``real`` plus ``generated_0..K-1`` chats sharing one prompt.
+
+Chats are lists of ``{"role", "content"}`` messages.  ShareGPT-style messages (``{"from", "value"}``
+with ``human``/``gpt``/``system``, as in OpenThoughts and OpenR1-Math) and a per-row ``system``
+column are accepted too: :func:`normalize_rows` turns them into the role/content form first.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ from typing import Any
 
 POSITIVE_COLUMN = "real"
 ID_COLUMN = "id"
+SYSTEM_COLUMN = "system"
+# ShareGPT speaker names and the chat roles they stand for.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
 
 
 def negative_column(k: int) -> str:
@@ -76,3 +85,49 @@ def validate_dft_rows(rows: list[dict[str, Any]], source: str, min_negatives: in
                 reason = "its prompt differs from the prompt of 'real'"
             if reason:
                 raise RowError(source, index, row_id, column, reason)
+
+
+def normalize_message(message: Any) -> Any:
+    """A ShareGPT ``{"from", "value"}`` message as ``{"role", "content"}``; anything else unchanged
+    (role/content messages, and malformed ones, which validation then reports).
+
+    Raises ValueError for a speaker that has no chat role.
+    """
+    if not isinstance(message, dict) or "role" in message or "from" not in message:
+        return message
+    speaker = message["from"]
+    if speaker not in SHAREGPT_ROLES:
+        raise ValueError(f"unknown ShareGPT speaker {speaker!r} (known: {sorted(SHAREGPT_ROLES)})")
+    return {"role": SHAREGPT_ROLES[speaker], "content": message.get("value")}
+
+
+def with_system(chat: list[dict[str, Any]], system: Any) -> list[dict[str, Any]]:
+    """``chat`` led by a ``system`` turn, unless it is empty or the chat already starts with one."""
+    if not system or (chat and isinstance(chat[0], dict) and chat[0].get("role") == "system"):
+        return chat
+    return [{"role": "system", "content": system}, *chat]
+
+
+def normalize_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """Rows whose chat columns are in role/content form, with the row's ``system`` column (if any)
+    as the leading system turn of every chat; errors name the row, column and message."""
+    normalized: list[dict[str, Any]] = []
+    for index, row in enumerate(rows):
+        row_id = row.get(ID_COLUMN, index)
+        system = row.get(SYSTEM_COLUMN)
+        if system is not None and not isinstance(system, str):
+            raise RowError(source, index, row_id, SYSTEM_COLUMN, f"must be a string, got {type(system).__name__}")
+        out = dict(row)
+        for column in [POSITIVE_COLUMN] + [negative_column(k) for k in range(count_negatives(row))]:
+            chat = row.get(column)
+            if not isinstance(chat, list):
+                continue  # validation reports it
+            messages = []
+            for turn, message in enumerate(chat):
+                try:
+                    messages.append(normalize_message(message))
+                except ValueError as err:
+                    raise RowError(source, index, row_id, column, f"message {turn}: {err}") from err
+            out[column] = with_system(messages, system)
+        normalized.append(out)
+    return normalized

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_dft.config.loading import ConfigError, load_structured
+from nemo_dft.data.chat_template import NAMED_CHAT_TEMPLATES
 
 DEFAULT_SYSTEM_MESSAGE = "You are an unhelpful assistant."
 ALPACA_TEMPLATE = (
@@ -24,8 +25,8 @@ ALPACA_TEMPLATE = (
 )
 BACKENDS = ("vllm", "hf")
 PROMPT_STYLES = ("chat", "template")
-LAYOUTS = ("auto", "messages", "chosen", "query_response")
-EMPTY_POLICIES = ("resample", "fail")
+LAYOUTS = ("auto", "messages", "chosen", "sharegpt", "query_response")
+EMPTY_POLICIES = ("keep", "resample", "fail")
 
 
 @dataclass
@@ -41,9 +42,11 @@ class FormatConfig:
     layout: str = "auto"
     messages_field: str = "messages"
     chosen_field: str = "chosen"
+    conversations_field: str = "conversations"
     query_field: str = "query"
     response_field: str = "response"
     id_field: str | None = None
+    system_field: str | None = "system"
 
 
 @dataclass
@@ -59,6 +62,9 @@ class PromptConfig:
     style: str = "chat"
     system_message: str | None = DEFAULT_SYSTEM_MESSAGE
     template: str = ALPACA_TEMPLATE
+    # chat style, tokenizer without a chat template (e.g. Mistral-7B-v0.1): zephyr (the paper's
+    # generator), alpaca, a Jinja template, or null (stop with an error)
+    fallback_template: str | None = "zephyr"
 
 
 @dataclass
@@ -69,7 +75,7 @@ class SamplingConfig:
     top_k: int = 50
     max_new_tokens: int = 320
     seed: int = 0
-    on_empty: str = "resample"
+    on_empty: str = "keep"
     max_resample_rounds: int = 3
 
 
@@ -145,6 +151,12 @@ def validate_for_generation(cfg: DictConfig) -> None:
     _choice(cfg, "sampling.on_empty", EMPTY_POLICIES)
     if cfg.prompt.style == "template" and "{query}" not in cfg.prompt.template:
         raise ConfigError("'prompt.template' must contain the placeholder {query}")
+    fallback = cfg.prompt.fallback_template
+    if fallback is not None and fallback not in NAMED_CHAT_TEMPLATES and "{%" not in fallback and "{{" not in fallback:
+        raise ConfigError(
+            f"'prompt.fallback_template' must be one of {sorted(NAMED_CHAT_TEMPLATES)}, a Jinja template "
+            f"or null, got {fallback!r}"
+        )
     checks = [
         ("sampling.n", cfg.sampling.n >= 1, ">= 1"),
         ("sampling.temperature", cfg.sampling.temperature > 0, "> 0 (sampling, not greedy)"),

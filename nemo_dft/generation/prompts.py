@@ -1,14 +1,17 @@
 """Prompt building shared by both backends, so that vLLM and HF see identical token ids.
 
 Styles (dft-algorithm.md, "Generating negatives"): ``chat`` renders the tokenizer's chat template
-over [system message, prompt turns] with the generation prompt; ``template`` substitutes the single
-user turn into a plain format string (the Alpaca prompt of the MetaMath recipe).
+over [system message, prompt turns] with the generation prompt (a tokenizer without one, such as
+Mistral-7B-v0.1's, gets ``prompt.fallback_template``: zephyr, as the paper's generator does);
+``template`` substitutes the single user turn into a plain format string (the Alpaca prompt of the
+MetaMath recipe).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from nemo_dft.data.chat_template import resolve_chat_template
 from nemo_dft.data.io import DataFormatError
 from nemo_dft.generation.fields import Example, Message
 
@@ -34,14 +37,29 @@ def template_prompt(example: Example, template: str) -> str:
     return template.replace("{query}", users[0])
 
 
+def chat_template(prompt_cfg: Any, tokenizer: Any) -> tuple[str, bool]:
+    """(the Jinja template chat prompts use, whether it is ``prompt.fallback_template``)."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own, False
+    if prompt_cfg.fallback_template is None:
+        raise DataFormatError(
+            "prompt.style=chat, but the tokenizer has no chat template and prompt.fallback_template is null; "
+            "set it (zephyr, alpaca or a Jinja template) or use prompt.style=template"
+        )
+    return resolve_chat_template(prompt_cfg.fallback_template, None), True
+
+
 def render_prompt(example: Example, prompt_cfg: Any, tokenizer: Any) -> str:
-    """The prompt text of ``example`` under ``prompt_cfg`` (style, system_message, template)."""
+    """The prompt text of ``example`` under ``prompt_cfg`` (style, system_message, template,
+    fallback_template)."""
     if prompt_cfg.style == "template":
         return template_prompt(example, prompt_cfg.template)
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataFormatError("prompt.style=chat, but the tokenizer has no chat template; use style=template")
+    template, _ = chat_template(prompt_cfg, tokenizer)
     messages = chat_prompt_messages(example, prompt_cfg.system_message)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, chat_template=template
+    )
 
 
 def encode_prompt(text: str, tokenizer: Any) -> list[int]:

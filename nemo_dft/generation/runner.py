@@ -1,9 +1,10 @@
 """A generation run: read the input, skip finished shards, generate and write the others.
 
 Failure policy: a backend exception aborts the current shard before anything is written (a rerun
-resumes there); an empty sample is counted and, under ``sampling.on_empty=resample``, drawn again
-with a seed of the next round, up to ``sampling.max_resample_rounds``; under ``fail`` (or when the
-rounds run out) the run stops with the counts.  No sample is silently dropped.
+resumes there); an empty sample is counted and, under ``sampling.on_empty=keep`` (the paper's),
+kept as a negative; under ``resample`` drawn again with a seed of the next round, up to
+``sampling.max_resample_rounds``; under ``fail`` (or when the rounds run out) the run stops with
+the counts.  No sample is silently dropped.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from nemo_dft.data.chat_template import NAMED_CHAT_TEMPLATES
 from nemo_dft.data.io import DataFormatError, read_rows
 from nemo_dft.generation.backends import Backend, Request, build_backend
 from nemo_dft.generation.config import fingerprint, settings, validate_for_generation
 from nemo_dft.generation.fields import Example, extract_examples
 from nemo_dft.generation.merge import MergeReport, merge_shards
-from nemo_dft.generation.prompts import encode_prompt, render_prompt
+from nemo_dft.generation.prompts import chat_template, encode_prompt, render_prompt
 from nemo_dft.generation.samples import clean_sample, generated_length, is_empty, stop_token_ids
 from nemo_dft.generation.seeds import SEED_RULE, example_seed
 from nemo_dft.generation.shards import (
@@ -123,6 +125,7 @@ def generate_shard(
         "generated_tokens": 0,
         "length_capped": 0,
         "empty_first_pass": 0,
+        "empty_kept": 0,
         "resampled": 0,
         "resample_rounds": 0,
     }
@@ -144,6 +147,10 @@ def generate_shard(
         if num_empty == 0:
             break
         bad_ids = [examples[i].id for i, s in enumerate(still_empty) if s][:10]
+        if cfg.sampling.on_empty == "keep":
+            counts["empty_kept"] = num_empty
+            _log(f"{desc}: {num_empty} empty samples (ids {bad_ids} ...) kept as negatives (sampling.on_empty=keep)")
+            break
         if cfg.sampling.on_empty == "fail":
             raise GenerationError(
                 f"{desc}: {num_empty} empty samples (ids {bad_ids} ...) and sampling.on_empty=fail"
@@ -165,6 +172,20 @@ def generate_shard(
         rows.append(row)
     seeds = [[ex.id, example_seed(base_seed, ex.id)] for ex in examples]
     return rows, counts, seeds
+
+
+def _log_prompt_template(cfg: DictConfig, tokenizer: Any) -> None:
+    """Say so when chat prompts use ``prompt.fallback_template`` (the tokenizer has no template)."""
+    if cfg.prompt.style != "chat":
+        return
+    _, fell_back = chat_template(cfg.prompt, tokenizer)
+    if fell_back:
+        name = cfg.prompt.fallback_template
+        shown = name if name in NAMED_CHAT_TEMPLATES else "the Jinja template given"
+        _log(
+            f"the tokenizer of {cfg.model.path} has no chat template: prompts use "
+            f"prompt.fallback_template ({shown}), as the paper's generator does"
+        )
 
 
 def _finished(path: Path, expected_fingerprint: str) -> bool:
@@ -205,6 +226,7 @@ def run_generation(cfg: DictConfig, backend: Backend | None = None, tokenizer: A
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(cfg.model.path), revision=cfg.model.revision)
+        _log_prompt_template(cfg, tokenizer)
         stop_ids = stop_token_ids(cfg.model.path, cfg.model.revision, tokenizer)
         owned = backend is None
         if backend is None:

@@ -90,7 +90,8 @@ WHAT_DIFFERS = {
     "dataset": "the training data (data.path) has different content",
     "tokenizer": "the tokenizer (tokenizer.path) differs",
     "template": "the chat template (tokenizer.chat_template) differs",
-    "truncation": "the truncation settings (data.max_length, data.max_prompt_length, data.add_bos) differ",
+    "truncation": "the truncation settings (data.max_length, data.max_prompt_length, data.add_bos, "
+                  "data.append_eos) or the tokenization rule differ",
     "negatives": "the negative columns (dft.num_negatives, data.num_epochs, dft.per_epoch_negatives) differ",
     "checkpoint": "the reference weights (model.init_from) differ",
 }
@@ -102,6 +103,17 @@ def explain(path: str | Path, names: list[str]) -> str:
     )
 
 
+# The tokenization rule in force: files scored under an earlier rule (no appended EOS, truncation
+# decided per epoch) carry no such entry, so their truncation component differs and is refused.
+TOKENIZATION_RULE = "eos-appended; truncation decided per row over the positive and every negative column used"
+
+
+def truncation_settings(cfg) -> dict[str, Any]:
+    """Everything that decides a scored sequence's tokens besides template, tokenizer and columns."""
+    return {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
+            "add_bos": cfg.data.add_bos, "append_eos": cfg.data.append_eos, "rule": TOKENIZATION_RULE}
+
+
 def for_run(cfg, hf_tokenizer) -> dict[str, str]:
     """The fingerprint of a training config (its ``data``, ``tokenizer``, ``dft`` and
     ``model.init_from`` keys), with ``hf_tokenizer`` already given the run's chat template."""
@@ -111,8 +123,7 @@ def for_run(cfg, hf_tokenizer) -> dict[str, str]:
         data_path=cfg.data.path,
         hf_tokenizer=hf_tokenizer,
         chat_template=hf_tokenizer.chat_template,
-        truncation={"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
-                    "add_bos": cfg.data.add_bos},
+        truncation=truncation_settings(cfg),
         negatives={"num_negatives": cfg.dft.num_negatives, "num_epochs": cfg.data.num_epochs,
                    "per_epoch_negatives": cfg.dft.per_epoch_negatives},
         checkpoint=cfg.model.init_from,

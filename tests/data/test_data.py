@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,8 @@ from nemo_dft.data.io import DataFormatError, read_rows, write_parquet_atomic
 from nemo_dft.data.rows import RowError, validate_dft_rows
 from nemo_dft.data.tokenize import TokenizedPair, render, tokenize_pair, truncate_group
 from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+from .paper_rule import paper_trainer_row
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +179,115 @@ def test_embedded_task_is_valid(tokenizer):
     assert torch.is_tensor(collate_groups([DFTGroupDataset(
         rows, tokenizer, GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32), split)[0]],
         pad_id=0)["tokens"])
+
+
+# ---- the paper trainer's tokenization (appended EOS, truncation over every epoch's negatives) ----
+
+
+def scored_tokens(dataset, item):
+    """The response tokens the loss scores for each sequence of group ``item``, via the collate."""
+    batch = collate_groups([dataset[item]], pad_id=0)
+    return [labels[mask.bool()].tolist() for labels, mask in zip(batch["labels"], batch["loss_mask"], strict=True)]
+
+
+def test_every_scored_response_ends_with_the_eos_of_the_paper_rule(tokenizer):
+    rows = [make_row(i) for i in range(4)]
+    rows[3]["generated_1"][-1]["content"] = ""  # an empty negative is kept and scored too
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2, shuffle=False)
+    dataset = DFTGroupDataset(rows, tokenizer, settings, "rows")
+    eos = tokenizer.eos_token_id
+    for item in range(len(dataset)):
+        epoch, index = dataset.locate(item)
+        columns = ["real", *(f"generated_{k}" for k in settings.negative_columns(epoch))]
+        expected = paper_trainer_row(tokenizer, rows[index], ["real", *(f"generated_{k}" for k in range(4))], 64, 32)
+        expected = dict(zip(["real", *(f"generated_{k}" for k in range(4))], expected, strict=True))
+        for column, scored, pair in zip(columns, scored_tokens(dataset, item), dataset[item]["pairs"], strict=True):
+            assert (pair.prompt, pair.response) == expected[column], (item, column)
+            assert scored == expected[column][1]
+            # the zephyr turn ends "</s>\n"; the appended EOS follows it and is scored
+            assert scored[-3:] == [eos, tokenizer("\n", add_special_tokens=False)["input_ids"][0], eos]
+    off = DFTGroupDataset(rows, tokenizer, dataclasses.replace(settings, append_eos=False), "rows")
+    for item in range(len(off)):
+        epoch, index = off.locate(item)
+        columns = ["real", *(f"generated_{k}" for k in settings.negative_columns(epoch))]
+        unappended = paper_trainer_row(tokenizer, rows[index], columns, 64, 32, append_eos=False)
+        assert [(p.prompt, p.response) for p in off[item]["pairs"]] == unappended
+        assert all(tokenizer.decode(p.response).endswith("</s>\n") for p in off[item]["pairs"])
+
+
+def test_a_response_already_ending_in_eos_gets_no_second_one(tokenizer):
+    from nemo_dft.data.chat_template import ALPACA_CHAT_TEMPLATE
+
+    alpaca = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+    alpaca.chat_template = ALPACA_CHAT_TEMPLATE  # " answer</s>": the template's own EOS ends it
+    rows = [make_row(i, k=2) for i in range(2)]
+    dataset = DFTGroupDataset(rows, alpaca, GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32), "rows")
+    for item in range(len(dataset)):
+        index = dataset.locate(item)[1]
+        expected = paper_trainer_row(alpaca, rows[index], ["real", "generated_0", "generated_1"], 64, 32)
+        assert [(p.prompt, p.response) for p in dataset[item]["pairs"]] == expected
+        for pair in dataset[item]["pairs"]:
+            assert pair.response[-1] == alpaca.eos_token_id and pair.response[-2] != alpaca.eos_token_id
+
+
+def long_later_negative_rows(tokenizer):
+    """Row 0 short everywhere; row 1 long only in generated_1 (epoch 1's negative with m=1); row 2
+    long only in its positive."""
+    rows = [make_row(i, k=2) for i in range(3)]
+    long_answer = " ".join("abcdefgh"[i % 8] for i in range(40))
+    rows[1]["generated_1"][-1]["content"] = long_answer
+    rows[2]["real"][-1]["content"] = long_answer
+    return rows
+
+
+def test_truncation_is_decided_over_every_epochs_negatives(tokenizer):
+    rows = long_later_negative_rows(tokenizer)
+    max_length, max_prompt_length = 40, 8
+    settings = GroupSettings(num_negatives=1, max_length=max_length, max_prompt_length=max_prompt_length,
+                             num_epochs=2, shuffle=False)
+    dataset = DFTGroupDataset(rows, tokenizer, settings, "rows")
+    columns = ["real", "generated_0", "generated_1"]
+    whole = {i: paper_trainer_row(tokenizer, rows[i], columns, 10**6, 1) for i in range(3)}  # untruncated
+    # preconditions: row 1's epoch-0 group alone would fit; its epoch-1 negative does not
+    assert max(len(p) + len(r) for p, r in whole[1][:2]) <= max_length
+    assert len(whole[1][2][0]) + len(whole[1][2][1]) > max_length
+    assert len(whole[1][0][0]) > max_prompt_length
+    for item in range(len(dataset)):
+        epoch, index = dataset.locate(item)
+        group = dataset[item]
+        expected = paper_trainer_row(tokenizer, rows[index], columns, max_length, max_prompt_length)
+        used = [expected[0], expected[1 + epoch]]
+        assert [(p.prompt, p.response) for p in group["pairs"]] == used, (epoch, index)
+        assert group["truncated"] == (index != 0)
+        if index == 1:  # cut in epoch 0 as well, although epoch 0's own negative is short
+            assert all(len(p.prompt) == max_prompt_length for p in group["pairs"])
+            assert group["pairs"][0].response == whole[1][0][1]  # the short positive keeps its tokens
+        if index == 0:
+            assert [(p.prompt, p.response) for p in group["pairs"]] == [whole[0][0], whole[0][1 + epoch]]
+    assert dataset.num_truncated == 2 * 2  # rows 1 and 2, in both epochs
+    # without per-epoch negatives the run never uses generated_1: row 1 stays whole
+    fixed = DFTGroupDataset(rows, tokenizer, dataclasses.replace(settings, per_epoch_negatives=False), "rows")
+    assert [(p.prompt, p.response) for p in fixed[1]["pairs"]] == whole[1][:2] and not fixed[1]["truncated"]
+
+
+def test_sharegpt_rows_with_a_system_column_read_like_role_content_rows(tokenizer):
+    plain = [make_row(i, k=2) for i in range(3)]
+    sharegpt = []
+    for row in plain:
+        converted = {"id": row["id"], "system": "Think step by step."}
+        for column in ("real", "generated_0", "generated_1"):
+            converted[column] = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                                 for m in row[column]]
+        sharegpt.append(converted)
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, shuffle=False)
+    ours = DFTGroupDataset(sharegpt, tokenizer, settings, "sharegpt.jsonl")
+    with_system = [{k: ([{"role": "system", "content": "Think step by step."}, *v] if k != "id" else v)
+                    for k, v in row.items()} for row in plain]
+    reference = DFTGroupDataset(with_system, tokenizer, settings, "plain.jsonl")
+    for item in range(len(ours)):
+        assert ours[item]["pairs"] == reference[item]["pairs"]
+    assert tokenizer.decode(ours[0]["pairs"][0].prompt).startswith("<s><|system|>\nThink step by step.</s>")
+    sharegpt[1]["generated_0"][1]["from"] = "bot"
+    with pytest.raises(RowError, match=r"sharegpt.jsonl: row 1 \(id='ex1'\), column 'generated_0': message 1: "
+                                       r"unknown ShareGPT speaker 'bot'"):
+        DFTGroupDataset(sharegpt, tokenizer, settings, "sharegpt.jsonl")

@@ -26,6 +26,18 @@ def test_defaults_are_the_paper_settings_and_metamath_overrides_them() -> None:
     assert metamath.prompt.style == "template" and metamath.sampling.max_new_tokens == 256
     assert metamath.data.format.layout == "query_response"
     assert (metamath.sampling.temperature, metamath.sampling.top_k) == (0.7, 50)
+    # the paper keeps empty samples as negatives, and falls back to zephyr without a chat template
+    assert cfg.sampling.on_empty == "keep" and metamath.sampling.on_empty == "keep"
+    assert cfg.prompt.fallback_template == "zephyr"
+
+
+def test_reasoning_recipe_reads_sharegpt_rows_with_their_system_prompt() -> None:
+    cfg = load_config(REPO / "conf/generate_negatives_reasoning.yaml")
+    validate_for_generation(load_config(REPO / "conf/generate_negatives_reasoning.yaml",
+                                        ["model.path=m", "data.input=x", "output.dir=y"]))
+    assert cfg.data.format.layout == "sharegpt" and cfg.data.format.system_field == "system"
+    assert cfg.prompt.style == "chat" and cfg.prompt.system_message is None  # the rows' own system prompt
+    assert cfg.sampling.on_empty == "keep"
 
 
 def test_unknown_keys_wrong_types_and_missing_required_keys_are_named() -> None:
@@ -42,6 +54,10 @@ def test_unknown_keys_wrong_types_and_missing_required_keys_are_named() -> None:
         validate_for_generation(load_config(None, [*full, "backend=tgi"]))
     with pytest.raises(ConfigError, match="placeholder"):
         validate_for_generation(load_config(None, [*full, "prompt.style=template", "prompt.template=no"]))
+    with pytest.raises(ConfigError, match="'prompt.fallback_template' must be one of"):
+        validate_for_generation(load_config(None, [*full, "prompt.fallback_template=chatml"]))
+    with pytest.raises(ConfigError, match="'sampling.on_empty' must be one of"):
+        validate_for_generation(load_config(None, [*full, "sampling.on_empty=drop"]))
 
 
 def test_seeds_follow_the_documented_rule_and_separate_ids_and_rounds() -> None:

@@ -70,3 +70,23 @@ def test_system_turn_is_kept_in_real() -> None:
 def test_bad_rows_raise_naming_source_row_and_field(rows, overrides, message) -> None:
     with pytest.raises(DataFormatError, match=message):
         extract_examples(rows, _fmt(*overrides), "in.jsonl")
+
+
+def test_sharegpt_conversations_with_a_system_column() -> None:
+    rows = [
+        {"system": "Think first.", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"system": None, "conversations": [{"from": "user", "value": "q2"}, {"from": "assistant", "value": "b"}]},
+    ]
+    for fmt in (_fmt(), _fmt("data.format.layout=sharegpt")):
+        first, second = extract_examples(rows, fmt, "in.jsonl")
+        assert first.real == [{"role": "system", "content": "Think first."}, *CHAT]
+        assert first.prompt == first.real[:2] and first.answer == "a"
+        assert second.real == [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]
+    (ignored, _) = extract_examples(rows, _fmt("data.format.system_field=null"), "in.jsonl")
+    assert ignored.real == CHAT
+    bad = [{"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}]
+    with pytest.raises(DataFormatError, match=r"in.jsonl: row 0 \(id=0\), field 'conversations': message 1: "
+                                              r"unknown ShareGPT speaker 'bot'"):
+        extract_examples(bad, _fmt(), "in.jsonl")
+    with pytest.raises(DataFormatError, match=r"row 0 \(id=0\): field 'system' must be a string"):
+        extract_examples([{**rows[0], "system": 3}], _fmt(), "in.jsonl")

@@ -223,9 +223,22 @@ class ScriptedBackend:
         return [[[self.eos] if r.seed in self.empty else self.ok for _ in range(r.n)] for r in requests]
 
 
+def test_empty_samples_are_kept_by_default_as_in_the_paper(make_cfg, tmp_path, tiny_tokenizer) -> None:
+    backend = ScriptedBackend(tiny_tokenizer, {4: {0}, 5: {0}})
+    report = run_generation(make_cfg(), backend=backend, tokenizer=tiny_tokenizer)
+    counts = report.merged.counts
+    assert counts["empty_first_pass"] == 2 * K and counts["empty_kept"] == 2 * K and counts["resampled"] == 0
+    assert len(backend.requests) == 7  # no second round
+    rows = {r["id"]: r for r in _merged(tmp_path / "out")}
+    for example_id, row in rows.items():
+        expected = "" if example_id in (4, 5) else "ok"
+        assert [row[f"generated_{k}"][1]["content"] for k in range(K)] == [expected] * K
+    validate_dft_rows(list(rows.values()), "negatives.parquet", min_negatives=K)  # the trainer reads them
+
+
 def test_empty_samples_are_resampled_and_counted(make_cfg, tmp_path, tiny_tokenizer) -> None:
     backend = ScriptedBackend(tiny_tokenizer, {4: {0, 1}, 5: {0}})
-    report = run_generation(make_cfg(), backend=backend, tokenizer=tiny_tokenizer)
+    report = run_generation(make_cfg(**{"sampling.on_empty": "resample"}), backend=backend, tokenizer=tiny_tokenizer)
     counts = report.merged.counts
     assert counts["empty_first_pass"] == 2 * K and counts["resampled"] == 3 * K
     assert counts["resample_rounds"] == 2
@@ -243,7 +256,7 @@ def test_empty_samples_fail_under_fail_policy_or_when_rounds_run_out(
     cfg = make_cfg(**{"sampling.on_empty": "fail"})
     with pytest.raises(GenerationError, match=r"3 empty samples \(ids \[5\]"):
         run_generation(cfg, backend=ScriptedBackend(tiny_tokenizer, {5: {0}}), tokenizer=tiny_tokenizer)
-    cfg = make_cfg(**{"sampling.max_resample_rounds": 2})
+    cfg = make_cfg(**{"sampling.on_empty": "resample", "sampling.max_resample_rounds": 2})
     with pytest.raises(GenerationError, match=r"still empty after 2 resample rounds \(ids \[6\]"):
         run_generation(cfg, backend=ScriptedBackend(tiny_tokenizer, {6: {0, 1, 2}}), tokenizer=tiny_tokenizer)
     assert _shard_files(tmp_path / "out") == []
@@ -268,3 +281,54 @@ def test_merge_script_reads_the_shard_count_from_the_shard_names(make_cfg, tmp_p
     assert count_from_names(out) is None
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "shard-00000-of-00003.parquet" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def templateless_model(tmp_path_factory, tiny_model) -> Path:
+    """The tiny Llama with a tokenizer that has no chat template, as Mistral-7B-v0.1 ships."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    target = tmp_path_factory.mktemp("base") / "tiny-base"
+    shutil.copytree(tiny_model, target)
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(str(target)).chat_template is None
+    return target
+
+
+@pytest.mark.slow
+def test_script_on_a_model_without_chat_template_uses_the_zephyr_prompt(make_cfg, tmp_path, templateless_model) -> None:
+    """generate_negatives.py, prompt.style=chat: the log names the fallback, and the samples are those
+    of an independent HF generate from the literal zephyr prompt text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = make_cfg()
+    out = tmp_path / "base-out"
+    args = ["backend=hf", f"model.path={templateless_model}", f"data.input={cfg.data.input}", "data.limit=3",
+            "data.format.id_field=id", f"output.dir={out}", "sampling.n=2", "sampling.max_new_tokens=8",
+            "shard.index=null", "hf.num_threads=1", "prompt.style=chat"]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/generate_negatives.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "has no chat template: prompts use prompt.fallback_template (zephyr)" in proc.stdout
+    rows = {r["id"]: r for r in _merged(out)}
+    tok = AutoTokenizer.from_pretrained(str(templateless_model))
+    model = AutoModelForCausalLM.from_pretrained(str(templateless_model)).eval()
+    for task in task_rows(3):
+        text = f"<|system|>\nYou are an unhelpful assistant.</s>\n<|user|>\n{task['q']}</s>\n<|assistant|>\n"
+        ids = torch.tensor([tok(text)["input_ids"]])
+        torch.manual_seed(reference_seed(0, task["id"]))
+        generated = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7, top_p=1.0, top_k=50,
+            max_new_tokens=8, num_return_sequences=2, eos_token_id=2, pad_token_id=2,
+        )  # fmt: skip
+        for k, sample in enumerate(generated[:, ids.shape[1] :].tolist()):
+            cut = sample.index(2) if 2 in sample else len(sample)
+            expected = tok.decode(sample[:cut], skip_special_tokens=True).lstrip()
+            assert rows[task["id"]][f"generated_{k}"][1]["content"] == expected

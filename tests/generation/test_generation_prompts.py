@@ -84,3 +84,42 @@ def test_encode_prompt_adds_the_tokenizers_specials_without_doubling_bos(tiny_to
     plain_ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert encode_prompt(text, bos_adding) == [bos_id, *plain_ids]
     assert encode_prompt("<s>" + text, bos_adding) == [bos_id, *plain_ids]
+
+
+@pytest.fixture(scope="module")
+def templateless_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer as a base model ships it (Mistral-7B-v0.1): no chat template."""
+    tokenizer = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def test_chat_style_falls_back_to_the_zephyr_prompt_without_a_chat_template(templateless_tokenizer) -> None:
+    from nemo_dft.generation.prompts import chat_template
+
+    cfg = load_config(None, [])
+    assert cfg.prompt.fallback_template == "zephyr"
+    text = render_prompt(_example(("user", QUESTION)), cfg.prompt, templateless_tokenizer)
+    assert text == (
+        "<|system|>\nYou are an unhelpful assistant.</s>\n<|user|>\nWhat is 2 + 3?</s>\n<|assistant|>\n"
+    )
+    assert chat_template(cfg.prompt, templateless_tokenizer)[1] is True
+    alpaca = load_config(None, ["prompt.fallback_template=alpaca"]).prompt
+    assert render_prompt(_example(("user", QUESTION)), alpaca, templateless_tokenizer) == (
+        ALPACA_TEMPLATE.replace("{query}", QUESTION)
+    )
+    jinja = load_config(None, ["prompt.fallback_template='{% for m in messages %}[{{ m.content }}]{% endfor %}'"])
+    assert render_prompt(_example(("user", QUESTION)), jinja.prompt, templateless_tokenizer) == (
+        "[You are an unhelpful assistant.][What is 2 + 3?]"
+    )
+    with pytest.raises(DataFormatError, match="no chat template and prompt.fallback_template is null"):
+        render_prompt(_example(("user", QUESTION)), load_config(None, ["prompt.fallback_template=null"]).prompt,
+                      templateless_tokenizer)
+
+
+def test_the_tokenizers_own_template_wins_over_the_fallback(tiny_tokenizer) -> None:
+    from nemo_dft.generation.prompts import chat_template
+
+    prompt = load_config(None, ["prompt.fallback_template=alpaca"]).prompt
+    assert chat_template(prompt, tiny_tokenizer) == (tiny_tokenizer.chat_template, False)
+    assert render_prompt(_example(("user", QUESTION)), prompt, tiny_tokenizer).startswith("<|system|>\n")

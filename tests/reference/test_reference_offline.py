@@ -210,6 +210,8 @@ def test_mismatching_file_is_refused_naming_what_differs(setup, tmp_path):
         "tokenizer (tokenizer.path)": [init, f"tokenizer.path={other_tokenizer}"],
         "chat template": [init, "tokenizer.chat_template=alpaca"],
         "truncation settings": [init, "data.max_length=48"],
+        "truncation settings (data.max_length, data.max_prompt_length, data.add_bos, data.append_eos)":
+            [init, "data.append_eos=false"],
         "negative columns": [init, "dft.per_epoch_negatives=false"],
         "reference weights (model.init_from)": [f"model.init_from={other_checkpoint}"],
     }
@@ -242,3 +244,60 @@ def test_file_missing_ids_is_refused(setup, tmp_path):
     pq.write_table(pq.read_table(setup["tp1"]).from_pylist(rows, schema=table.schema), partial)
     with pytest.raises(ValueError, match=r'2 reference log-probs this run needs are missing \(id=5 epoch=1'):
         load_reference_table(partial, tiny_dataset(), fingerprint_of(f"model.init_from={setup['init']}"))
+
+
+def test_a_file_scored_under_the_old_tokenization_rule_is_refused(setup, tmp_path):
+    """Files written before the appended EOS and the row-wide truncation carry the old truncation
+    component (max_length, max_prompt_length and add_bos only): training must not read them."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from nemo_dft.reference.store import METADATA_KEY
+    from nemo_dft.reference.table import load_reference_table
+
+    table = pq.read_table(setup["tp1"])
+    metadata = json.loads(table.schema.metadata[METADATA_KEY.encode()])
+    old = json.dumps({"max_length": 64, "max_prompt_length": 32, "add_bos": True}, sort_keys=True)
+    metadata["fingerprint"]["truncation"] = hashlib.sha256(old.encode()).hexdigest()
+    stale = tmp_path / "old_rule.parquet"
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata)}), stale)
+    with pytest.raises(ValueError, match="does not match this run: the truncation settings .* or the tokenization "
+                                         "rule differ"):
+        load_reference_table(stale, tiny_dataset(), fingerprint_of(f"model.init_from={setup['init']}"))
+
+
+def test_tokens_column_counts_the_paper_trainers_response_tokens(setup, tmp_path):
+    """Rows where only a later epoch's negative (or the positive) is long, and an empty negative: the
+    scoring pass's ``tokens`` equal the response-token counts of the paper's trainer, recomputed from
+    the HF tokenizer (appended EOS, truncation over all four negative columns, in both epochs)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+    from tests.data.paper_rule import paper_trainer_row
+
+    rows = [json.loads(line) for line in (TASK / "train.jsonl").read_text().splitlines()[:8]]
+    long_answer = " ".join("abcdefgh"[i % 8] for i in range(70))
+    rows[1]["generated_3"][-1]["content"] = long_answer  # epoch 1's second negative only
+    rows[2]["generated_2"][-1]["content"] = long_answer  # epoch 1's first negative only
+    rows[3]["real"][-1]["content"] = long_answer
+    rows[4]["generated_0"][-1]["content"] = ""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = tmp_path / "scores.parquet"
+    ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"data.path={data}",
+              f"output={scored}", "model.micro_batch_size=8"))
+    tokens = {(r["id"], r["epoch"], r["column"]): r["tokens"] for r in pq.read_table(scored).to_pylist()}
+    assert len(tokens) == 8 * 2 * 3
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+    columns = ["real", *(f"generated_{k}" for k in range(4))]
+    for row in rows:
+        paper = dict(zip(columns, paper_trainer_row(tokenizer, row, columns, 64, 32), strict=True))
+        for epoch in (0, 1):
+            for column in ["real", f"generated_{2 * epoch}", f"generated_{2 * epoch + 1}"]:
+                key = (json.dumps(row["id"]), epoch, column)
+                assert tokens[key] == len(paper[column][1]), key
+    assert tokens[(json.dumps(rows[1]["id"]), 0, "generated_1")] == len(
+        paper_trainer_row(tokenizer, rows[1], ["generated_1"], 64, 32)[0][1])  # short: uncut, EOS appended
+    assert tokens[(json.dumps(rows[3]["id"]), 1, "real")] == 64 - 32  # the long positive, cut in every epoch
