@@ -88,9 +88,11 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_dft.modeling.gpt_config import make_gpt_config  # imports NeMo: after the device set-up
     from nemo_dft.platform.signals import parse_signals
     from nemo_dft.training.loss_reduction import DFTHyperParameters
+    from nemo_dft.training.memory_report import OptimizerMemoryReport
     from nemo_dft.training.metrics import MetricsJsonl
     from nemo_dft.training.model import DFTModel
     from nemo_dft.training.preemption import PreemptionStop
+    from nemo_dft.training.reference_pipeline import PipelinedReference
 
     run_dir = Path(cfg.run.dir).resolve()
     tokenizer = load_tokenizer(cfg)
@@ -121,7 +123,7 @@ def train(cfg: DictConfig) -> TrainResult:
             bf16=cfg.model.precision == "bf16",
             fp16=cfg.model.precision == "fp16",
             params_dtype=gpt_config.params_dtype,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=cfg.model.use_distributed_optimizer,
         ),
         lr_scheduler=CosineAnnealingScheduler(
             max_steps=max_steps,
@@ -152,9 +154,10 @@ def train(cfg: DictConfig) -> TrainResult:
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
         fixed_length=cfg.model.pipeline_model_parallel_size > 1,
     )
+    from nemo_dft.platform.memory import ddp_config
     from nemo_dft.training.strategy import DFTMegatronStrategy
 
-    strategy = make_strategy(cfg, gpt_config, on_gpu, DFTMegatronStrategy)
+    strategy = make_strategy(cfg, gpt_config, on_gpu, DFTMegatronStrategy, ddp=ddp_config(cfg.model))
     metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar)
     preemption = PreemptionStop(parse_signals(list(cfg.trainer.preemption_signals)))
     val_interval = cfg.trainer.val_check_interval or max_steps
@@ -165,7 +168,7 @@ def train(cfg: DictConfig) -> TrainResult:
         max_steps=max_steps,
         strategy=strategy,
         plugins=[precision_plugin(cfg.model), *slurm_plugins()],
-        callbacks=[metrics, preemption],
+        callbacks=[metrics, preemption, PipelinedReference(), OptimizerMemoryReport(run_dir / "memory.json")],
         log_every_n_steps=1,
         limit_val_batches=eval_batches,
         num_sanity_val_steps=eval_batches,
