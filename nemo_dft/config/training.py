@@ -50,6 +50,21 @@ class ModelConfig:
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: str = "max"
     fp8_param: bool = False
+    # Memory features (nemo_dft/platform/memory.py): optimizer state and fp32 main weights sharded over
+    # data-parallel ranks (megatron-core's distributed optimizer), gradient reduction overlapped with
+    # the backward pass, parameter all-gather overlapped with the forward pass (distributed optimizer
+    # only), and gradients reduced in fp32 (false: in the compute dtype).
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    grad_reduce_in_fp32: bool = True
+    # Activation recomputation: null | full | selective (core attention); full needs recompute_method
+    # (uniform | block) and recompute_num_layers.
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    # Sequence parallelism over the tensor-parallel ranks (needs TP >= 2 and Transformer Engine).
+    sequence_parallel: bool = False
     # tiny: the embedded demo's shape under model.config; null: the architecture's own config
     # (e.g. NeMo's MistralConfig7B), which the paper recipes use; checkpoint: the config stored in
     # model.init_from (architecture and sizes of whatever model it holds; model.arch is not used).
@@ -128,10 +143,12 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Defaults, then ``config_file``, then ``key=value`` overrides, validated."""
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None,
+                check_files: bool = True) -> DictConfig:
+    """Defaults, then ``config_file``, then ``key=value`` overrides, validated (``check_files``: also
+    that the data and reference files exist, which planning a run elsewhere does not need)."""
     cfg = load_structured(TrainConfig, config_file, overrides)
-    validate(cfg)
+    validate(cfg, check_files=check_files)
     return cfg
 
 
@@ -159,7 +176,7 @@ def model_config_overrides(cfg: DictConfig) -> dict[str, Any]:
     return overrides
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, check_files: bool = True) -> None:
     """Reject impossible settings before anything is built."""
     from nemo_dft.objective import validate_hyperparameters
 
@@ -167,9 +184,10 @@ def validate(cfg: DictConfig) -> None:
         validate_hyperparameters(cfg.dft.tau, cfg.dft.gamma)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    from nemo_dft.platform import memory
     from nemo_dft.platform.precision import static_errors
 
-    errors = static_errors(cfg.model)
+    errors = static_errors(cfg.model) + memory.static_errors(cfg.model)
     if errors:
         key, problem = errors[0]
         raise ConfigError(f"{key}: {problem}")
@@ -198,24 +216,25 @@ def validate(cfg: DictConfig) -> None:
     if layers is not None:
         _require(m.pipeline_model_parallel_size <= layers, "model.pipeline_model_parallel_size",
                  f"{m.pipeline_model_parallel_size} stages exceed the model's {layers} layers")
+        if m.recompute_granularity == "full" and m.recompute_num_layers is not None:
+            per_stage = layers // m.pipeline_model_parallel_size
+            _require(m.recompute_num_layers <= per_stage, "model.recompute_num_layers",
+                     f"{m.recompute_num_layers} exceeds the {per_stage} layers of a pipeline stage")
     _require(cfg.dft.num_negatives >= 1, "dft.num_negatives", "must be >= 1")
     _require(cfg.dft.reference in ("frozen", "offline"), "dft.reference",
              f"unknown mode {cfg.dft.reference!r}; use 'frozen' or 'offline'")
-    if not cfg.dft.ref_free and cfg.dft.reference == "frozen":
-        _require(m.pipeline_model_parallel_size == 1, "dft.reference",
-                 "the frozen on-the-fly reference needs pipeline_model_parallel_size=1; with pipeline "
-                 "parallelism use dft.reference=offline (scripts/precompute_ref_logps.py) or dft.ref_free=true")
     if not cfg.dft.ref_free and cfg.dft.reference == "offline":
         _require(cfg.dft.ref_logps is not None, "dft.ref_logps",
                  "dft.reference=offline needs the file written by scripts/precompute_ref_logps.py")
-        _require(Path(cfg.dft.ref_logps).is_file(), "dft.ref_logps", f"{cfg.dft.ref_logps} does not exist")
+        _require(not check_files or Path(cfg.dft.ref_logps).is_file(), "dft.ref_logps",
+                 f"{cfg.dft.ref_logps} does not exist")
         _require(cfg.model.init_from is not None, "model.init_from",
                  "dft.reference=offline scores the initial weights of a checkpoint; set model.init_from")
     _require(0 < cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
              f"must be > 0 and below data.max_length={cfg.data.max_length}")
     _require(cfg.data.num_epochs >= 1, "data.num_epochs", "must be >= 1")
-    _require(Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
-    if cfg.data.eval_path is not None:
+    _require(not check_files or Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
+    if check_files and cfg.data.eval_path is not None:
         _require(Path(cfg.data.eval_path).exists(), "data.eval_path", f"{cfg.data.eval_path} does not exist")
     _require(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must lie in [0, 1)")
     _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")

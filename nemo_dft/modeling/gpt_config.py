@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from nemo_dft.config.loading import ConfigError
 from nemo_dft.config.training import model_config_overrides
+from nemo_dft.platform import memory
 from nemo_dft.platform.cpu_model_config import apply_cpu_model_overrides
 from nemo_dft.platform.precision import PRECISIONS
 
@@ -75,7 +76,8 @@ def checkpoint_gpt_config(checkpoint: str) -> llm.GPTConfig:
 def make_gpt_config(cfg: DictConfig, on_gpu: bool):
     """The NeMo GPT config of the run: the preset's (tiny, the architecture's own, or the one stored
     in ``model.init_from``), with ``model.config`` overrides, precision and layout."""
-    overrides = model_config_overrides(cfg)
+    # the memory keys first, so that an explicit model.config.<field> still wins
+    overrides = {**memory.transformer_fields(cfg.model), **model_config_overrides(cfg)}
     overrides.setdefault("seq_length", cfg.data.max_length)
     try:
         base = checkpoint_gpt_config(cfg.model.init_from) if cfg.model.preset == "checkpoint" else None

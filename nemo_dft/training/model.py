@@ -56,7 +56,9 @@ class DFTModel(LogProbGPTModel):
         return token_logps(output, batch["labels"], inplace=True)
 
     def training_step(self, batch, batch_idx=None) -> torch.Tensor:
-        return self.forward_step(batch, with_reference=self.dft.scores_reference_on_the_fly)
+        # under pipeline parallelism the batch arrives scored (nemo_dft.training.reference_pipeline)
+        with_reference = self.dft.scores_reference_on_the_fly and not self.uses_pipelined_reference()
+        return self.forward_step(batch, with_reference=with_reference)
 
     def validation_step(self, batch, batch_idx=None) -> torch.Tensor:
         return self.forward_step(batch, with_reference=False)
@@ -74,6 +76,15 @@ class DFTModel(LogProbGPTModel):
         return self._validation_loss_reduction
 
     # ---- frozen reference ---------------------------------------------------------------------
+    def uses_pipelined_reference(self) -> bool:
+        """True when the frozen reference is scored in its own forward-only pipeline pass."""
+        return self.dft.scores_reference_on_the_fly and parallel_state.get_pipeline_model_parallel_world_size() > 1
+
+    def reference_module(self) -> torch.nn.Module:
+        if not self._reference:
+            raise RuntimeError("reference-based DFT needs the frozen reference; call setup_reference() first")
+        return self._reference[0]
+
     def reference_token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self._reference:
             raise RuntimeError("reference-based DFT needs the frozen reference; call setup_reference() first")
@@ -107,7 +118,8 @@ class DFTModel(LogProbGPTModel):
             )
         else:
             state = {k: v.detach().clone() for k, v in policy.state_dict().items() if v is not None}
-            if path is not None:
+            # data-parallel replicas hold the same shard: one writer per (TP, PP) file
+            if path is not None and parallel_state.get_data_parallel_rank() == 0:
                 _atomic_torch_save(state, path)
         reference.load_state_dict(state, strict=False)
         reference.to(next(policy.parameters()).device).eval().requires_grad_(False)

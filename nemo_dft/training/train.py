@@ -91,9 +91,11 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_dft.training import throughput
     from nemo_dft.training.experiment_loggers import ScalarsToLoggers, make_loggers
     from nemo_dft.training.loss_reduction import DFTHyperParameters
+    from nemo_dft.training.memory_report import OptimizerMemoryReport
     from nemo_dft.training.metrics import MetricsJsonl
     from nemo_dft.training.model import DFTModel
     from nemo_dft.training.preemption import PreemptionStop
+    from nemo_dft.training.reference_pipeline import PipelinedReference
 
     adopt_library_logging()
     run_dir = Path(cfg.run.dir).resolve()
@@ -125,7 +127,7 @@ def train(cfg: DictConfig) -> TrainResult:
             bf16=cfg.model.precision == "bf16",
             fp16=cfg.model.precision == "fp16",
             params_dtype=gpt_config.params_dtype,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=cfg.model.use_distributed_optimizer,
         ),
         lr_scheduler=CosineAnnealingScheduler(
             max_steps=max_steps,
@@ -156,9 +158,10 @@ def train(cfg: DictConfig) -> TrainResult:
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
         fixed_length=cfg.model.pipeline_model_parallel_size > 1,
     )
+    from nemo_dft.platform.memory import ddp_config
     from nemo_dft.training.strategy import DFTMegatronStrategy
 
-    strategy = make_strategy(cfg, gpt_config, on_gpu, DFTMegatronStrategy)
+    strategy = make_strategy(cfg, gpt_config, on_gpu, DFTMegatronStrategy, ddp=ddp_config(cfg.model))
     metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar,
                            throughput=throughput.for_run(cfg, gpt_config, tokenizer.vocab_size, on_gpu))
     preemption = PreemptionStop(parse_signals(list(cfg.trainer.preemption_signals)))
@@ -170,7 +173,8 @@ def train(cfg: DictConfig) -> TrainResult:
         max_steps=max_steps,
         strategy=strategy,
         plugins=[precision_plugin(cfg.model), *slurm_plugins()],
-        callbacks=[metrics, ScalarsToLoggers(metrics), preemption],
+        callbacks=[metrics, ScalarsToLoggers(metrics), preemption, PipelinedReference(),
+                   OptimizerMemoryReport(run_dir / "memory.json")],
         logger=False,  # NeMoLogger sets the run's own loggers (in run.dir, not ./lightning_logs)
         default_root_dir=str(run_dir),
         log_every_n_steps=1,

@@ -55,9 +55,11 @@ GENERATION_CONFIGS = {
 MISTRAL_7B = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "ffn": 14336, "vocab": 32000}
 GPUS_PER_NODE = 8
 GPU_MEMORY_BYTES = 80e9
-# Megatron mixed precision without the distributed optimizer: bf16 weights 2, fp32 main weights 4,
-# Adam moments 8, fp32 gradient buffer 4 bytes per parameter; a frozen bf16 reference adds 2.
-TRAINING_BYTES_PER_PARAMETER = 18
+# Megatron mixed precision: bf16 weights 2 and fp32 gradient buffer 4 bytes per parameter on every
+# rank; fp32 main weights 4 and Adam moments 8, divided over data-parallel ranks by the distributed
+# optimizer; a frozen bf16 reference adds 2.
+REPLICATED_BYTES_PER_PARAMETER = 6
+OPTIMIZER_BYTES_PER_PARAMETER = 12
 REFERENCE_BYTES_PER_PARAMETER = 2
 # Share of a GPU the static state may take, so that activations of a micro-batch still fit.
 STATIC_MEMORY_SHARE = 0.6
@@ -132,11 +134,14 @@ def test_layout_is_valid_on_8_gpu_nodes(name: str, nodes: int) -> None:
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_layout_shards_the_7b_model_evenly_and_fits_in_memory(name: str) -> None:
-    cfg = load_recipe(name)
+    """On a single node (the smallest data-parallel size the recipe runs at)."""
+    cfg = load_recipe(name, ["trainer.num_nodes=1"])
     tp, pp = cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size
     assert MISTRAL_7B["heads"] % tp == 0 and MISTRAL_7B["kv_heads"] % tp == 0
     assert MISTRAL_7B["layers"] % pp == 0
-    bytes_per_parameter = TRAINING_BYTES_PER_PARAMETER
+    data_parallel = GPUS_PER_NODE // (tp * pp)
+    bytes_per_parameter = REPLICATED_BYTES_PER_PARAMETER + OPTIMIZER_BYTES_PER_PARAMETER / (
+        data_parallel if cfg.model.use_distributed_optimizer else 1)
     if uses_frozen_reference(cfg):
         bytes_per_parameter += REFERENCE_BYTES_PER_PARAMETER
     static = mistral_7b_parameters() * bytes_per_parameter / (tp * pp)
@@ -144,10 +149,62 @@ def test_layout_shards_the_7b_model_evenly_and_fits_in_memory(name: str) -> None
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_frozen_reference_runs_without_pipeline_parallelism(name: str) -> None:
+def test_recipes_use_the_memory_features(name: str) -> None:
+    """Fewest GPUs per replica: TP=2 fits only because the optimizer state is sharded."""
     cfg = load_recipe(name)
-    if uses_frozen_reference(cfg):
-        assert cfg.model.pipeline_model_parallel_size == 1
+    m = cfg.model
+    assert m.use_distributed_optimizer and m.overlap_grad_reduce and m.overlap_param_gather
+    assert m.tensor_model_parallel_size == 2 and m.sequence_parallel
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_frozen_reference_may_use_pipeline_parallelism(name: str) -> None:
+    cfg = load_recipe(name, ["model.pipeline_model_parallel_size=2"])
+    assert cfg.model.pipeline_model_parallel_size == 2
+
+
+# Per-GPU memory of Mistral-7B, bf16, micro-batch of 2 prompts x 3 sequences x 1024 tokens, flash
+# attention, as computed independently when these features were planned (GB, static state +
+# frozen reference; and with activations): the planner must reproduce them.
+PLANNED = [
+    # TP, DP, distributed optimizer, sequence parallel, recompute, static GB, total GB
+    (4, 4, False, False, None, 36.2, 48.2),
+    (2, 8, False, False, None, 72.4, 89.9),
+    (2, 8, True, False, None, 34.4, 51.9),
+    (2, 8, True, True, None, 34.4, 48.7),
+    (1, 16, True, False, None, 63.4, 92.0),
+    (1, 16, True, False, "full", 63.4, 67.1),
+]
+
+
+@pytest.mark.parametrize(("tp", "dp", "distopt", "sp", "recompute", "static_gb", "total_gb"), PLANNED)
+def test_memory_plan_reproduces_the_planned_numbers(tp, dp, distopt, sp, recompute, static_gb, total_gb) -> None:
+    from nemo_dft.training.memory_plan import Layout, ModelShape, memory_per_gpu
+
+    shape = ModelShape(parameters=mistral_7b_parameters(), layers=MISTRAL_7B["layers"], hidden=MISTRAL_7B["hidden"],
+                       vocab=MISTRAL_7B["vocab"])
+    layout = Layout(tensor_parallel=tp, pipeline_parallel=1, data_parallel=dp, micro_batch_prompts=2,
+                    sequences_per_prompt=3, sequence_length=1024, micro_batches_per_step=128 // (2 * dp),
+                    distributed_optimizer=distopt, frozen_reference=True, recompute=recompute, sequence_parallel=sp)
+    parts = memory_per_gpu(shape, layout)
+    static = sum(parts[k] for k in ("weights", "gradients", "main_weights", "optimizer_moments", "reference"))
+    assert static / 1e9 == pytest.approx(static_gb, abs=0.1)
+    # activation estimates differ in their small terms (norms, dropout masks, logits): within 1.5 GB
+    assert parts["total"] / 1e9 == pytest.approx(total_gb, abs=1.5)
+
+
+def test_memory_plan_script_prints_every_component() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    result = subprocess.run([sys.executable, "scripts/memory_plan.py", "--config", "conf/dft_mistral.yaml"],
+                            cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for part in ("weights", "gradients", "main_weights", "optimizer_moments", "reference", "activations", "total"):
+        assert part in result.stdout
+    assert "48.7 GB of 80 GB: fits" in result.stdout  # the number docs/cluster.md quotes
 
 
 def test_metamath_lengths_keep_256_token_negatives_whole() -> None:
