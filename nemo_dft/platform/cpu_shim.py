@@ -149,6 +149,53 @@ def _disable_unavailable_rope_fusion() -> None:
     TransformerConfig.__post_init__ = __post_init__
 
 
+def _patch_distributed_optimizer_state_dict() -> None:
+    """Let megatron's distributed optimizer build its state dict before its first step.
+
+    Without Transformer Engine or apex (so on every CPU run) megatron reads Adam's "step" from the
+    torch optimizer's per-parameter state, which is empty until the first step; resuming a run
+    builds the load-time state dict exactly then and fails an assertion.  An empty state means
+    step 0; the checkpoint's own step replaces it when the saved state is loaded.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    original = distrib_optimizer.DistributedOptimizer.state_dict
+    if getattr(original, "_nemo_dft_cpu", False):
+        return
+
+    def state_dict(self):
+        if distrib_optimizer.HAVE_APEX_OR_TE or len(self.optimizer.state) > 0:
+            return original(self)
+        inner = self.optimizer.state_dict()
+        result = {"optimizer": {k: v for k, v in inner.items() if k != "state"}}
+        for group in result["optimizer"]["param_groups"]:
+            del group["params"]
+            group["step"] = 0
+        if self.grad_scaler:
+            result["grad_scaler"] = self.grad_scaler.state_dict()
+        return result
+
+    state_dict._nemo_dft_cpu = True  # type: ignore[attr-defined]
+    distrib_optimizer.DistributedOptimizer.state_dict = state_dict
+
+    # Loading a fully reshardable checkpoint copies the saved tensors into the torch optimizer's
+    # per-parameter state, which (torch Adam, not TE/apex) also holds "step"; the checkpoint keeps
+    # step in its param groups instead, and load_state_dict has already set it from there.
+    original_set = distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if distrib_optimizer.HAVE_APEX_OR_TE or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original_set(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        destinations = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            destinations[key].copy_(value)
+        return None
+
+    distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def enable_cpu_compat() -> None:
     """Apply every CPU patch once in this process (idempotent)."""
     global _enabled, _function_mode
@@ -160,6 +207,7 @@ def enable_cpu_compat() -> None:
     _patch_rng_tracker()
     _patch_nemo()
     _disable_unavailable_rope_fusion()
+    _patch_distributed_optimizer_state_dict()
     _function_mode = CudaToCpuMode()
     _function_mode.__enter__()  # stays active for the life of the process (thread-local)
     _enabled = True
