@@ -71,6 +71,8 @@ class MetricsJsonl(pl.Callback):
             "tokens_per_s": values["tokens"] / elapsed,
             "step_s": elapsed,
         }
+        if getattr(pl_module, "nonfinite_guard", None) is not None:
+            record["skipped_steps"] = pl_module.nonfinite_guard.skipped  # trainer.nonfinite=skip
         self.history.append(record)
         pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
         if self._bar is not None:
