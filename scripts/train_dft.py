@@ -22,10 +22,14 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   dft.reference, dft.ref_logps             frozen (on the fly) | offline (file from precompute_ref_logps.py)
   data.path, data.eval_path, data.num_epochs, data.max_length, data.max_prompt_length
   checkpoint.every_n_steps                 0: only at the end; a rerun with the same run.dir resumes
-  trainer.preemption_signals               default [SIGTERM, SIGUSR1]: checkpoint after the step, exit 75
+  trainer.preemption_signals               default [SIGTERM, SIGUSR1, SIGINT]: checkpoint after the step, exit 75
+                                           (a second Ctrl-C exits at once, code 130)
+  trainer.nonfinite                        stop (default, exit 3) | skip: a step with NaN/inf loss, u or gradient
+  trainer.val_check_interval               held-out evaluation every N steps (always before and after); eval.jsonl
 
-Exit codes: 0 trained, 2 configuration error, 75 stopped by a signal with a checkpoint saved
-(rerun with the same run.dir to resume), anything else a failure.
+Exit codes: 0 trained, 2 configuration error, 3 stopped at a non-finite loss/u/gradient
+(trainer.nonfinite=stop), 75 stopped by a signal with a checkpoint saved (rerun with the same
+run.dir to resume), anything else a failure.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from nemo_dft.training.nonfinite import EXIT_NONFINITE, NonFiniteStep
     from nemo_dft.training.train import train
 
     try:
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteStep as err:
+        print(f"error: {err}; the step was not applied and no checkpoint holds it; set "
+              "trainer.nonfinite=skip to skip such steps", file=sys.stderr)
+        return EXIT_NONFINITE
     import torch.distributed as dist
 
     from nemo_dft.platform.signals import EXIT_PREEMPTED
