@@ -160,7 +160,7 @@ def test_readers_agree_across_formats(tmp_path):
     for path in (jsonl, tmp_path / "d.parquet", tmp_path / "hf"):
         assert read_rows(path) == rows, path
     (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: column \d+: invalid JSON"):
         read_rows(tmp_path / "bad.jsonl")
     with pytest.raises(DataFormatError, match="no such file"):
         read_rows(tmp_path / "missing.jsonl")
@@ -176,3 +176,18 @@ def test_embedded_task_is_valid(tokenizer):
     assert torch.is_tensor(collate_groups([DFTGroupDataset(
         rows, tokenizer, GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32), split)[0]],
         pad_id=0)["tokens"])
+
+
+def test_empty_answers_are_refused_or_dropped_and_counted():
+    from nemo_dft.data.rows import RowError, drop_empty_answers, validate_dft_rows
+    from nemo_dft.demo.tiny_task import ASSET_DIR
+
+    rows = [json.loads(line) for line in (ASSET_DIR / "train.jsonl").read_text().splitlines()[:5]]
+    rows[1]["real"][-1]["content"] = ""
+    rows[3]["generated_1"][-1]["content"] = " \n"
+    rows[4]["generated_3"][-1]["content"] = ""  # a column this run does not use
+    with pytest.raises(RowError, match=r"row 1 .*column 'real': the answer is empty"):
+        validate_dft_rows(rows, "t.jsonl", 2)
+    kept, dropped = drop_empty_answers(rows, 2)
+    assert dropped == [rows[1]["id"], rows[3]["id"]] and len(kept) == 3
+    validate_dft_rows(kept, "t.jsonl", 2)
