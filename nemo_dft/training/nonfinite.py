@@ -74,7 +74,7 @@ class NonFiniteGuard:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, local)
         what = sorted({w for entry in gathered for w in entry[0]})
-        indices = sorted({i for entry in gathered for i in entry[1]})
+        indices = list(dict.fromkeys(i for entry in gathered for i in entry[1]))  # batch order, once each
         ids = [self.example_ids[i] for i in indices]
         shown = ids[:20] + (["..."] if len(ids) > 20 else [])
         where = f"example ids {shown} of the bad micro-batch(es)" if ids else "no single micro-batch (the gradient)"
