@@ -91,6 +91,7 @@ def build_tiny_tokenizer(out_dir: Path) -> None:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="</s>",
+        model_input_names=["input_ids", "attention_mask"],  # decoder-only: no token_type_ids
     )
     fast.chat_template = ZEPHYR_CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
