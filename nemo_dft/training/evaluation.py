@@ -98,7 +98,8 @@ class HeldOutEvaluation(pl.Callback):
         step = int(trainer.global_step)
         has_before = False
         if trainer.global_rank == 0:
-            kept = [r for r in read_records(self.path) if r["step"] <= step]
+            # a fresh start (step 0, nothing resumed) is a new run: earlier lines are not its own
+            kept = [r for r in read_records(self.path) if r["step"] <= step] if step > 0 else []
             if self.path.exists():
                 _write_records(self.path, kept)
             self.records = kept
