@@ -17,7 +17,7 @@ Then train with:  dft.reference=offline dft.ref_logps=PATH
 The file records a fingerprint of the data, tokenizer, chat template, truncation settings,
 negative columns and checkpoint; training refuses a file whose fingerprint differs.
 
-Exit codes: 0 written, 2 configuration error, 75 stopped by SIGTERM/SIGUSR1 (rerun to resume).
+Exit codes: 0 written, 2 configuration error, 75 stopped by SIGTERM/SIGUSR1/SIGINT (rerun to resume).
 """
 
 from __future__ import annotations

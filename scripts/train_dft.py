@@ -26,15 +26,19 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   data.path, data.eval_path, data.num_epochs, data.max_length, data.max_prompt_length
   data.shuffle, data.add_bos               shuffle each epoch; prepend BOS where the template does not
   checkpoint.every_n_steps                 0: only at the end; a rerun with the same run.dir resumes
-  trainer.preemption_signals               default [SIGTERM, SIGUSR1]: checkpoint after the step, exit 75
+  trainer.preemption_signals               default [SIGTERM, SIGUSR1, SIGINT]: checkpoint after the step, exit 75
+                                           (a second Ctrl-C exits at once, code 130)
+  trainer.nonfinite                        stop (default, exit 3) | skip: a step with NaN/inf loss, u or gradient
+  trainer.val_check_interval               held-out evaluation every N steps (always before and after); eval.jsonl
   log.tensorboard                          default true: event files in run.dir/tensorboard/
   log.wandb_project, log.wandb_mode        W&B when a project is set: online | offline (files in run.dir/wandb/)
 
 Console: the key settings, the progress bar, warnings that matter and the summary; NeMo, Megatron
 and Lightning messages go to <run.dir>/logs/console/rank0.log (--verbose prints them too).
 
-Exit codes: 0 trained, 2 configuration error, 75 stopped by a signal with a checkpoint saved
-(rerun with the same run.dir to resume), anything else a failure.
+Exit codes: 0 trained, 2 configuration error, 3 stopped at a non-finite loss/u/gradient
+(trainer.nonfinite=stop), 75 stopped by a signal with a checkpoint saved (rerun with the same
+run.dir to resume), anything else a failure.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print("DFT " + "\n    ".join(key_settings(cfg)), flush=True)
         if not args.verbose:
             print(f"    library messages: {log_file} (--verbose prints them here)", flush=True)
+    from nemo_dft.training.nonfinite import EXIT_NONFINITE, NonFiniteStep
     from nemo_dft.training.train import train
 
     try:
@@ -82,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteStep as err:
+        print(f"error: {err}; the step was not applied and no checkpoint holds it; set "
+              "trainer.nonfinite=skip to skip such steps", file=sys.stderr)
+        return EXIT_NONFINITE
     import torch.distributed as dist
 
     from nemo_dft.platform.signals import EXIT_PREEMPTED

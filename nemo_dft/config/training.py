@@ -30,7 +30,11 @@ class TrainerConfig:
     progress_bar: bool = True
     # Signals that make training save a checkpoint at the end of the current step and exit with
     # code 75 (EXIT_PREEMPTED), so a Slurm script can requeue the job; [] leaves signals alone.
-    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # SIGINT (Ctrl-C) too: a second Ctrl-C exits at once, without a checkpoint.
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    # A step with a non-finite loss, u or gradient is never applied: stop (exit 3, naming the step
+    # and the example ids) or skip it (counted as skipped_steps in metrics.jsonl).
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -115,6 +119,9 @@ class DataConfig:
     # The paper trainer's rule: append EOS to every response whose last token is not EOS (with the
     # zephyr template responses then end </s> \n </s>); false scores the template's text only.
     append_eos: bool = True
+    # An empty real/generated answer: error | drop (leave the row out, counted) | keep (train on it, as the
+    # paper does with empty generations; the recipes that mirror the paper use keep)
+    empty_answers: str = "error"
 
 
 @dataclass
@@ -251,5 +258,20 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
 
         _require(importlib.util.find_spec("wandb") is not None, "log.wandb_project",
                  "W&B logging needs the wandb package (pip install wandb)")
+    _require(cfg.data.empty_answers in ("error", "drop", "keep"), "data.empty_answers",
+             f"{cfg.data.empty_answers!r} is not error, drop or keep")
+    _require(cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1, "trainer.max_steps",
+             f"must be >= 1 (or null for every epoch), got {cfg.trainer.max_steps}")
+    _require(cfg.trainer.val_check_interval is None or cfg.trainer.val_check_interval >= 1,
+             "trainer.val_check_interval", f"must be >= 1 (or null), got {cfg.trainer.val_check_interval}")
+    shape = model_config_overrides(cfg)
+    tp = m.tensor_model_parallel_size
+    for field_name in ("num_attention_heads", "num_query_groups"):
+        count = shape.get(field_name)
+        if count is not None:
+            _require(count % tp == 0, "model.tensor_model_parallel_size",
+                     f"{tp} does not divide the model's {field_name}={count}")
+    _require(cfg.trainer.nonfinite in ("stop", "skip"), "trainer.nonfinite",
+             f"{cfg.trainer.nonfinite!r} is not stop or skip")
     _require(cfg.trainer.accelerator in ("auto", "cpu", "gpu"), "trainer.accelerator",
              f"{cfg.trainer.accelerator!r} is not auto, cpu or gpu")

@@ -238,7 +238,11 @@ class _ExporterFixes:
                 target.generation_config = generation_config
             with stage(f"writing HF checkpoint {output_path} ({target.dtype})"):
                 target.save_pretrained(output_path)
-                self.hf_tokenizer.save_pretrained(output_path)
+                tokenizer = self.hf_tokenizer
+                # decoder-only models take no token_type_ids: without this,
+                # model.generate(**tokenizer(prompt, return_tensors="pt")) fails on the export
+                tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+                tokenizer.save_pretrained(output_path)
         finally:
             teardown(trainer, source)
         return Path(output_path)

@@ -24,7 +24,8 @@ def collate_groups(
     Returns ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` of shape [R, S] (inputs are
     sequence[:-1], labels sequence[1:], the mask covers response tokens only), plus
     ``example_index`` [B], ``epoch`` [B], ``group_index`` [R] and ``lengths`` [R] (unpadded
-    input lengths), and ``ref_neg_logps`` [B, m] when the groups carry offline reference values.
+    input lengths), ``ref_neg_logps`` [B, m] when the groups carry offline reference values, and
+    ``valid`` [B] (1.0 or 0.0) when they say whether they count (held-out padding does not).
     ``pad_to`` fixes S (pipeline parallel needs one shape for every micro-batch); otherwise S is
     the longest row rounded up to ``pad_multiple``.
     """
@@ -62,4 +63,6 @@ def collate_groups(
     }
     if "ref_neg_logps" in items[0]:  # offline reference log-probs of each group's negatives
         batch["ref_neg_logps"] = torch.stack([item["ref_neg_logps"] for item in items])
+    if "valid" in items[0]:
+        batch["valid"] = torch.tensor([float(item["valid"]) for item in items])
     return batch

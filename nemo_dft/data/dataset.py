@@ -37,6 +37,7 @@ class GroupSettings:
     seed: int = 1234
     add_bos: bool = True
     append_eos: bool = True  # the paper trainer's EOS after every response not ending in one
+    allow_empty_answers: bool = False  # data.empty_answers=keep: train on empty answers (the paper keeps them)
 
     def __post_init__(self) -> None:
         if self.num_negatives < 1:
@@ -78,7 +79,7 @@ class DFTGroupDataset(torch.utils.data.Dataset):
         source: str,
     ) -> None:
         rows = normalize_rows(rows, source)
-        validate_dft_rows(rows, source, settings.negatives_needed)
+        validate_dft_rows(rows, source, settings.negatives_needed, settings.allow_empty_answers)
         self.settings = settings
         self.source = source
         self.reference_logps: torch.Tensor | None = None
@@ -160,4 +161,5 @@ def group_settings(cfg: Any) -> GroupSettings:
         seed=cfg.run.seed,
         add_bos=cfg.data.add_bos,
         append_eos=cfg.data.append_eos,
+        allow_empty_answers=cfg.data.empty_answers == "keep",
     )

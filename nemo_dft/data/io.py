@@ -15,14 +15,20 @@ class DataFormatError(ValueError):
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{path}:{line_number}: column {err.start + 1}: byte {raw[err.start]:#04x} is not valid UTF-8"
+                ) from err
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{line_number}: invalid JSON ({err.msg})") from err
+                raise DataFormatError(f"{path}:{line_number}: column {err.colno}: invalid JSON ({err.msg})") from err
             if not isinstance(row, dict):
                 raise DataFormatError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
@@ -86,7 +92,14 @@ def write_parquet_atomic(
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file is for the whole group
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

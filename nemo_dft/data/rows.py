@@ -46,6 +46,28 @@ def _check_chat(chat: Any) -> str | None:
     return None
 
 
+def empty_answer_column(row: dict[str, Any], min_negatives: int) -> str | None:
+    """The first of ``real``, ``generated_0..min_negatives-1`` whose final answer is empty, or None."""
+    for column in [POSITIVE_COLUMN] + [negative_column(k) for k in range(min_negatives)]:
+        chat = row.get(column)
+        if isinstance(chat, list) and chat and isinstance(chat[-1], dict):
+            content = chat[-1].get("content")
+            if isinstance(content, str) and not content.strip():
+                return column
+    return None
+
+
+def drop_empty_answers(rows: list[dict[str, Any]], min_negatives: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Rows without an empty answer among the columns used, and the ids of the rows left out."""
+    kept, dropped = [], []
+    for index, row in enumerate(rows):
+        if empty_answer_column(row, min_negatives) is None:
+            kept.append(row)
+        else:
+            dropped.append(row.get(ID_COLUMN, index))
+    return kept, dropped
+
+
 def count_negatives(row: dict[str, Any]) -> int:
     """Number of consecutive ``generated_k`` columns present, starting at k = 0."""
     k = 0
@@ -54,11 +76,13 @@ def count_negatives(row: dict[str, Any]) -> int:
     return k
 
 
-def validate_dft_rows(rows: list[dict[str, Any]], source: str, min_negatives: int) -> None:
+def validate_dft_rows(rows: list[dict[str, Any]], source: str, min_negatives: int,
+                      allow_empty_answers: bool = False) -> None:
     """Raise :class:`RowError` for the first row that the trainer cannot use.
 
     Checks: unique ids (when an ``id`` column is present), a well-formed ``real`` chat, at least
-    ``min_negatives`` negative columns, each a well-formed chat with the same prompt as ``real``.
+    ``min_negatives`` negative columns, each a well-formed chat with the same prompt as ``real``,
+    and no empty answer in any of them (unless ``allow_empty_answers``).
     """
     if not rows:
         raise ValueError(f"{source}: the dataset has no rows")
@@ -85,6 +109,10 @@ def validate_dft_rows(rows: list[dict[str, Any]], source: str, min_negatives: in
                 reason = "its prompt differs from the prompt of 'real'"
             if reason:
                 raise RowError(source, index, row_id, column, reason)
+        empty = None if allow_empty_answers else empty_answer_column(row, min_negatives)
+        if empty is not None:
+            raise RowError(source, index, row_id, empty, "the answer is empty (set data.empty_answers=drop to "
+                           "leave such rows out, or keep to train on them as the paper does)")
 
 
 def normalize_message(message: Any) -> Any:

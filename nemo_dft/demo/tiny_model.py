@@ -18,7 +18,7 @@ from pathlib import Path
 from nemo_dft.data.chat_template import ZEPHYR_CHAT_TEMPLATE
 from nemo_dft.demo.tiny_task import ASSET_DIR
 
-DEFAULT_BUILD_DIR = Path(os.environ.get("NEMO_DFT_BUILD_DIR", Path(__file__).resolve().parents[1] / "build"))
+DEFAULT_BUILD_DIR = Path(os.environ.get("NEMO_DFT_BUILD_DIR", Path(__file__).resolve().parents[2] / "build"))
 TINY_VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
@@ -91,6 +91,7 @@ def build_tiny_tokenizer(out_dir: Path) -> None:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="</s>",
+        model_input_names=["input_ids", "attention_mask"],  # decoder-only: no token_type_ids
     )
     fast.chat_template = ZEPHYR_CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))

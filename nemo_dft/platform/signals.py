@@ -8,12 +8,14 @@ caller stops at a safe point with :data:`EXIT_PREEMPTED`.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from types import FrameType
 
 logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run again with the same run.dir
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, no checkpoint of the current step
 
 
 def parse_signals(names: list[str]) -> list[signal.Signals]:
@@ -29,7 +31,8 @@ def parse_signals(names: list[str]) -> list[signal.Signals]:
 
 class SignalLatch:
     """Remembers that one of ``signals`` arrived; the handler only records it, so the work it
-    interrupts (a step, a collective) finishes and the caller acts at a safe point."""
+    interrupts (a step, a collective) finishes and the caller acts at a safe point.  A second
+    SIGINT (Ctrl-C pressed again) ends the process at once with :data:`EXIT_INTERRUPTED`."""
 
     def __init__(self, signals: list[signal.Signals]) -> None:
         self.signals = signals
@@ -46,6 +49,10 @@ class SignalLatch:
         self._previous.clear()
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received and signum == signal.SIGINT:  # a second Ctrl-C: the user wants out now
+            logger.warning("second SIGINT: exiting at once, without a checkpoint (exit %d)", EXIT_INTERRUPTED)
+            logging.shutdown()
+            os._exit(EXIT_INTERRUPTED)
         if not self.received:
             logger.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
         self.received = True

@@ -72,13 +72,17 @@ class DFTLossReduction(MegatronLossReduction):
         (pos, neg), (pos_len, neg_len) = self.group_scores(batch, forward_out)
         examples = pos.shape[0]
         stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
-        stats[1] = examples
-        stats[4], stats[5] = pos.detach().sum(), neg.detach().mean(dim=-1).sum()
-        stats[6] = (
-            (length_average(pos, pos_len).unsqueeze(-1) > length_average(neg, neg_len)).all(dim=-1).sum().detach()
-        )
-        stats[7] = pos_len.sum() + neg_len.sum()
-        stats[8] = batch["lengths"].sum()
+        if self.evaluation and "valid" in batch:  # held-out padding groups count nowhere
+            counted = batch["valid"].to(pos.dtype)
+        else:
+            counted = torch.ones_like(pos)
+        stats[1] = counted.sum()
+        stats[4], stats[5] = (pos.detach() * counted).sum(), (neg.detach().mean(dim=-1) * counted).sum()
+        correct = (length_average(pos, pos_len).unsqueeze(-1) > length_average(neg, neg_len)).all(dim=-1)
+        stats[6] = (correct.to(counted.dtype) * counted).sum().detach()
+        rows_counted = counted.repeat_interleave(1 + self.hparams.num_negatives)
+        stats[7] = (pos_len * counted).sum() + (neg_len.sum(dim=-1) * counted).sum()
+        stats[8] = (batch["lengths"].to(counted.dtype) * rows_counted).sum()
         rows, width = batch["loss_mask"].shape  # computed positions, for the FLOPs count (throughput.py)
         stats[9], stats[10] = rows * width, rows * width * width
         if self.evaluation:

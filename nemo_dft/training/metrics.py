@@ -89,6 +89,8 @@ class MetricsJsonl(pl.Callback):
         if self.throughput is not None:
             record.update(self.throughput.measure(values["tokens"], values["padded_tokens"],
                                                   values["padded_token_pairs"], elapsed))
+        if getattr(pl_module, "nonfinite_guard", None) is not None:
+            record["skipped_steps"] = pl_module.nonfinite_guard.skipped  # trainer.nonfinite=skip
         self.history.append(record)
         pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
         if self._bar is not None:

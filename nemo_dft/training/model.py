@@ -19,7 +19,7 @@ from nemo.collections import llm
 from nemo_dft.modeling.logprob_model import LogProbGPTModel
 from nemo_dft.modeling.logprobs import token_logps
 from nemo_dft.platform.collectives import broadcast_from_last_stage
-from nemo_dft.training.loss_reduction import STAT_NAMES, DFTHyperParameters, DFTLossReduction, summarize
+from nemo_dft.training.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
 from nemo_dft.training.u_table import UTable
 
 
@@ -43,8 +43,9 @@ class DFTModel(LogProbGPTModel):
         self.reference_dir = reference_dir
         self._reference: list[torch.nn.Module] = []  # a list keeps it out of parameters() and the optimizer
         self.last_train_metrics: dict[str, float] = {}
-        self.eval_totals: torch.Tensor | None = None
-        self.eval_results: list[dict[str, float]] = []
+        self.nonfinite_guard = None  # a NonFiniteGuard, told of every training micro-batch
+        self.eval_totals: torch.Tensor | None = None  # summed by the evaluation reduction
+        self.eval_results: list[dict[str, float]] = []  # filled by training.evaluation
 
     # ---- NeMo 2 extension points -------------------------------------------------------------
     def forward_step(self, batch: dict[str, torch.Tensor], with_reference: bool = False) -> torch.Tensor:
@@ -136,35 +137,32 @@ class DFTModel(LogProbGPTModel):
     def on_fit_start(self) -> None:
         self.setup_reference()
 
-    def on_validation_epoch_start(self) -> None:
-        self.eval_totals = None
-
-    def on_validation_epoch_end(self) -> None:
-        """Every rank records the held-out statistics, which only the last stage computed."""
-        totals = self.eval_totals if self.eval_totals is not None else torch.zeros(len(STAT_NAMES), dtype=torch.float64)
-        totals = totals.to(torch.float64).cpu()
-        broadcast_from_last_stage(totals)
-        if totals[STAT_NAMES.index("examples")] == 0:
-            return
-        result = {k: float(v) for k, v in summarize(totals).items()}
-        result["step"] = int(self.trainer.global_step)
-        result["before_training"] = bool(self.trainer.sanity_checking)
-        self.eval_results.append(result)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _sync_u_table_across_pipeline(self.u_table)
         _check_u_table_consistent(self.u_table)
         checkpoint["dft_u_table"] = self.u_table.state_dict()
+        if self.nonfinite_guard is not None:
+            checkpoint["dft_nonfinite_skipped"] = self.nonfinite_guard.skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "dft_u_table" in checkpoint:
             self.u_table.load_state_dict(checkpoint["dft_u_table"])
+        if self.nonfinite_guard is not None:
+            self.nonfinite_guard.skipped = int(checkpoint.get("dft_nonfinite_skipped", 0))
 
 
 class _TrainingReduction(DFTLossReduction):
     def __init__(self, model: DFTModel) -> None:
         super().__init__(model.dft, model.u_table, evaluation=False)
         self._model = [model]
+
+    def forward(self, batch, forward_out):
+        loss_sum, count, extra = super().forward(batch, forward_out)
+        guard = self._model[0].nonfinite_guard
+        if guard is not None:
+            index = batch["example_index"]
+            guard.note_micro_batch(index, loss_sum.detach(), self.u_table.lookup(index))
+        return loss_sum, count, extra
 
     def reduce(self, losses_reduced_per_micro_batch):
         reduced = super().reduce(losses_reduced_per_micro_batch)

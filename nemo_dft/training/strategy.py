@@ -1,4 +1,5 @@
-"""NeMo's ``MegatronStrategy`` with the per-rank RNG state in every distributed checkpoint.
+"""NeMo's ``MegatronStrategy`` with the per-rank RNG state in every distributed checkpoint, and
+the NaN/inf guard around each optimizer step (:mod:`nemo_dft.training.nonfinite`).
 
 NeMo 2 saves the model, optimizer, scheduler, loops and callback states, but not the random
 generators; without them a resumed run with dropout draws different masks than the run it
@@ -26,6 +27,45 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
     """
 
     _pending_rng_state: dict[str, Any] | None = None
+    nonfinite_guard = None  # a NonFiniteGuard, set by training
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        """Run the step's forward/backward, then apply the update only if loss, u and gradients
+        are finite on every rank; otherwise skip it (u restored) or stop with NonFiniteStep."""
+        guard = self.nonfinite_guard
+        mcore = getattr(optimizer, "mcore_optimizer", None)
+        if guard is None or mcore is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        from nemo_dft.training.nonfinite import NonFiniteStep
+
+        u_table = self.lightning_module.u_table
+        u_before = u_table.values.clone()
+        guard.reset()
+
+        def checked_closure():
+            out = closure()
+            guard.check(list(self.model))
+            return out
+
+        apply_update = mcore.step
+
+        def step_if_finite():
+            return (False, float("nan"), None) if guard.bad else apply_update()
+
+        mcore.step = step_if_finite
+        try:
+            output = super().optimizer_step(optimizer, checked_closure, model, **kwargs)
+        finally:
+            del mcore.step  # back to the class's method
+        if guard.bad:
+            u_table.values.copy_(u_before)
+            message = guard.describe(int(self.trainer.global_step) + 1)
+            if guard.mode == "stop":
+                raise NonFiniteStep(message)
+            guard.skipped += 1
+            logger.warning("%s; the update was skipped (trainer.nonfinite=skip, %d skipped so far)",
+                           message, guard.skipped)
+        return output
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
         checkpoint[rng_state.RNG_KEY] = rng_state.sharded_rng_state(rng_state.capture())

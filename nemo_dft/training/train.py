@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,46 @@ class TrainResult:
     preempted: bool = False  # stopped by a signal after saving a checkpoint; rerun to resume
 
 
-def build_datasets(cfg: DictConfig, tokenizer) -> tuple[DFTGroupDataset, DFTGroupDataset | None]:
+def read_checked_rows(cfg: DictConfig) -> dict[str, list[dict]]:
+    """Rows of ``data.path`` and ``data.eval_path``, read and validated before anything heavy; a bad
+    file, row or column is a ConfigError naming them.  ``data.empty_answers=drop`` leaves out rows
+    with an empty answer, counted in the log."""
+    from nemo_dft.data.rows import drop_empty_answers, normalize_rows, validate_dft_rows
+
+    settings = group_settings(cfg)
+    needed = {"data.path": settings.negatives_needed, "data.eval_path": settings.num_negatives}
+    checked = {}
+    for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+        if not path:
+            continue
+        try:
+            rows = normalize_rows(read_rows(path), str(path))  # ShareGPT rows in role/content form
+            if cfg.data.empty_answers == "drop":
+                rows, dropped = drop_empty_answers(rows, needed[key])
+                if dropped:
+                    shown = dropped[:10] + (["..."] if len(dropped) > 10 else [])
+                    logger.warning("%s: left out %d rows with an empty answer (data.empty_answers=drop): ids %s",
+                                   path, len(dropped), shown)
+            validate_dft_rows(rows, str(path), needed[key], settings.allow_empty_answers)
+        except ValueError as err:  # DataFormatError, RowError
+            raise ConfigError(f"{key}: {err}") from err
+        checked[key] = rows
+    return checked
+
+
+def build_datasets(
+    cfg: DictConfig, tokenizer, rows: dict[str, list[dict]]
+) -> tuple[DFTGroupDataset, DFTGroupDataset | None]:
     """The training groups, and the held-out groups (one pass, negatives 0..m-1, fixed order)."""
     settings = group_settings(cfg)
-    train = DFTGroupDataset(read_rows(cfg.data.path), tokenizer, settings, source=str(cfg.data.path))
-    if not cfg.data.eval_path:
-        return train, None
-    eval_settings = dataclasses.replace(settings, num_epochs=1, per_epoch_negatives=False, shuffle=False)
-    held_out = DFTGroupDataset(read_rows(cfg.data.eval_path), tokenizer, eval_settings, str(cfg.data.eval_path))
+    try:
+        train = DFTGroupDataset(rows["data.path"], tokenizer, settings, source=str(cfg.data.path))
+        if not cfg.data.eval_path:
+            return train, None
+        eval_settings = dataclasses.replace(settings, num_epochs=1, per_epoch_negatives=False, shuffle=False)
+        held_out = DFTGroupDataset(rows["data.eval_path"], tokenizer, eval_settings, str(cfg.data.eval_path))
+    except ValueError as err:  # a row the chat template cannot render, named by row and column
+        raise ConfigError(f"data: {err}") from err
     return train, held_out
 
 
@@ -80,6 +113,17 @@ def resolve_max_steps(cfg: DictConfig, train: DFTGroupDataset) -> int:
 def train(cfg: DictConfig) -> TrainResult:
     """Run (or resume) DFT training as configured; returns a summary for rank 0 to print."""
     started = time.perf_counter()
+    rows = read_checked_rows(cfg)  # data errors before any device or NeMo set-up
+    run_dir = Path(cfg.run.dir).resolve()
+    from nemo_dft.training.recovery import choose_resume_checkpoint
+
+    first_rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    resume_from = choose_resume_checkpoint(run_dir, first_rank=first_rank)
+    if resume_from is not None and (run_dir / "config.yaml").exists():
+        from nemo_dft.config.rerun import check_rerun
+
+        for change in check_rerun(run_dir / "config.yaml", cfg):
+            logger.info("resumed with a changed setting: %s", change)
     on_gpu = enable_device(cfg)
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl
@@ -98,21 +142,13 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_dft.training.reference_pipeline import PipelinedReference
 
     adopt_library_logging()
-    run_dir = Path(cfg.run.dir).resolve()
     tokenizer = load_tokenizer(cfg)
-    train_ds, eval_ds = build_datasets(cfg, tokenizer.tokenizer)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer.tokenizer, rows)
     if not cfg.dft.ref_free and cfg.dft.reference == "offline":
         attach_offline_reference(cfg, train_ds, tokenizer.tokenizer)
     max_steps = resolve_max_steps(cfg, train_ds)
     gbs = cfg.model.global_batch_size
     dp = data_parallel_size(cfg)
-    eval_batches = 0
-    if eval_ds is not None:
-        eval_batches = len(eval_ds) // gbs
-        if eval_batches == 0:
-            raise ConfigError(
-                f"data.eval_path: {len(eval_ds)} held-out prompts are fewer than one global batch ({gbs})"
-            )
 
     gpt_config = make_gpt_config(cfg, on_gpu)
     optim = MegatronOptimizerModule(
@@ -152,7 +188,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     data = DFTDataModule(
         train_ds,
-        eval_ds,
+        None,  # the held-out pass is HeldOutEvaluation's, not Lightning's validation loop
         micro_batch_size=cfg.model.micro_batch_size,
         global_batch_size=gbs,
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
@@ -162,10 +198,25 @@ def train(cfg: DictConfig) -> TrainResult:
     from nemo_dft.training.strategy import DFTMegatronStrategy
 
     strategy = make_strategy(cfg, gpt_config, on_gpu, DFTMegatronStrategy, ddp=ddp_config(cfg.model))
+    from nemo_dft.training.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(cfg.trainer.nonfinite, train_ds.example_ids, check_gradients=cfg.model.precision != "fp16")
+    strategy.nonfinite_guard = model.nonfinite_guard = guard
     metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar,
                            throughput=throughput.for_run(cfg, gpt_config, tokenizer.vocab_size, on_gpu))
     preemption = PreemptionStop(parse_signals(list(cfg.trainer.preemption_signals)))
-    val_interval = cfg.trainer.val_check_interval or max_steps
+    callbacks = [metrics, ScalarsToLoggers(metrics), preemption, PipelinedReference(),
+                 OptimizerMemoryReport(run_dir / "memory.json")]
+    evaluation = None
+    if eval_ds is not None:
+        from nemo_dft.training.evaluation import HeldOutEvaluation
+
+        evaluation = HeldOutEvaluation(
+            eval_ds, data.collate, run_dir / "eval.jsonl", global_batch_size=gbs,
+            micro_batch_size=cfg.model.micro_batch_size, interval=cfg.trainer.val_check_interval,
+            max_steps=max_steps, progress_bar=cfg.trainer.progress_bar,
+        )
+        callbacks.append(evaluation)
     trainer = nl.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
         devices=cfg.trainer.devices,
@@ -173,20 +224,20 @@ def train(cfg: DictConfig) -> TrainResult:
         max_steps=max_steps,
         strategy=strategy,
         plugins=[precision_plugin(cfg.model), *slurm_plugins()],
-        callbacks=[metrics, ScalarsToLoggers(metrics), preemption, PipelinedReference(),
-                   OptimizerMemoryReport(run_dir / "memory.json")],
+        callbacks=callbacks,
         logger=False,  # NeMoLogger sets the run's own loggers (in run.dir, not ./lightning_logs)
         default_root_dir=str(run_dir),
         log_every_n_steps=1,
-        limit_val_batches=eval_batches,
-        num_sanity_val_steps=eval_batches,
-        val_check_interval=min(val_interval, max_steps),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         # NeMo's progress printer deadlocks gloo runs with pipeline parallelism (a collective on rank 0
         # only); MetricsJsonl draws the progress bar instead.
         enable_progress_bar=False,
         use_distributed_sampler=False,
     )
-    checkpoint = nl.ModelCheckpoint(
+    from nemo_dft.training.checkpoint_names import StepCheckpoint
+
+    checkpoint = StepCheckpoint(
         monitor="step",
         mode="max",
         save_top_k=2,
@@ -204,6 +255,7 @@ def train(cfg: DictConfig) -> TrainResult:
         update_logger_directory=False,
     )
     resume = nl.AutoResume(
+        resume_from_path=str(resume_from) if resume_from else None,  # checked above, not NeMo's pick
         resume_if_exists=True,
         resume_from_directory=str(run_dir / "checkpoints"),
         resume_ignore_no_checkpoint=True,
@@ -211,19 +263,20 @@ def train(cfg: DictConfig) -> TrainResult:
     )
     if trainer.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
+        tmp = run_dir / f".config.yaml.tmp{os.getpid()}"
+        OmegaConf.save(cfg, tmp)
+        os.replace(tmp, run_dir / "config.yaml")
     logger.info("DFT: %d steps, data-parallel size %d", max_steps, dp)
     llm.train(model, data, trainer, log=nemo_logger, resume=resume)
 
-    # The "before" evaluation is Lightning's sanity check, which NeMo skips with pipeline parallelism.
-    before = [r for r in model.eval_results if r["before_training"]]
-    after = [r for r in model.eval_results if not r["before_training"]]
     history = metrics.history
+    from nemo_dft.training.evaluation import AFTER, BEFORE
+
     return TrainResult(
         steps=int(trainer.global_step),
         final_loss=history[-1]["loss"] if history else None,
-        eval_before=before[0] if before else None,
-        eval_after=after[-1] if after else None,
+        eval_before=evaluation.result(BEFORE) if evaluation else None,
+        eval_after=evaluation.result(AFTER) if evaluation else None,
         run_dir=run_dir,
         seconds=time.perf_counter() - started,
         history=history,

@@ -34,5 +34,8 @@ def test_dft_checkpoint_exports_to_hf_with_matching_logits(tmp_path, tp):
     assert model.config.model_type == "mistral" and model.config.num_hidden_layers == 2
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     assert tokenizer.chat_template and "<|assistant|>" in tokenizer.chat_template
+    inputs = tokenizer("Repeat: c a t", return_tensors="pt")
+    assert "token_type_ids" not in inputs
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
     comparison = verify(hf_dir, checkpoint)
     assert comparison.max_abs_diff < 1e-5, comparison.summary()

@@ -163,7 +163,7 @@ def test_readers_agree_across_formats(tmp_path):
     for path in (jsonl, tmp_path / "d.parquet", tmp_path / "hf"):
         assert read_rows(path) == rows, path
     (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: column \d+: invalid JSON"):
         read_rows(tmp_path / "bad.jsonl")
     with pytest.raises(DataFormatError, match="no such file"):
         read_rows(tmp_path / "missing.jsonl")
@@ -192,8 +192,9 @@ def scored_tokens(dataset, item):
 
 def test_every_scored_response_ends_with_the_eos_of_the_paper_rule(tokenizer):
     rows = [make_row(i) for i in range(4)]
-    rows[3]["generated_1"][-1]["content"] = ""  # an empty negative is kept and scored too
-    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2, shuffle=False)
+    rows[3]["generated_1"][-1]["content"] = ""  # an empty negative is kept (data.empty_answers=keep) and scored
+    settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2, shuffle=False,
+                             allow_empty_answers=True)
     dataset = DFTGroupDataset(rows, tokenizer, settings, "rows")
     eos = tokenizer.eos_token_id
     for item in range(len(dataset)):
@@ -291,3 +292,18 @@ def test_sharegpt_rows_with_a_system_column_read_like_role_content_rows(tokenize
     with pytest.raises(RowError, match=r"sharegpt.jsonl: row 1 \(id='ex1'\), column 'generated_0': message 1: "
                                        r"unknown ShareGPT speaker 'bot'"):
         DFTGroupDataset(sharegpt, tokenizer, settings, "sharegpt.jsonl")
+
+
+def test_empty_answers_are_refused_or_dropped_and_counted():
+    from nemo_dft.data.rows import RowError, drop_empty_answers, validate_dft_rows
+    from nemo_dft.demo.tiny_task import ASSET_DIR
+
+    rows = [json.loads(line) for line in (ASSET_DIR / "train.jsonl").read_text().splitlines()[:5]]
+    rows[1]["real"][-1]["content"] = ""
+    rows[3]["generated_1"][-1]["content"] = " \n"
+    rows[4]["generated_3"][-1]["content"] = ""  # a column this run does not use
+    with pytest.raises(RowError, match=r"row 1 .*column 'real': the answer is empty"):
+        validate_dft_rows(rows, "t.jsonl", 2)
+    kept, dropped = drop_empty_answers(rows, 2)
+    assert dropped == [rows[1]["id"], rows[3]["id"]] and len(kept) == 3
+    validate_dft_rows(kept, "t.jsonl", 2)

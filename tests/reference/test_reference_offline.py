@@ -287,7 +287,7 @@ def test_tokens_column_counts_the_paper_trainers_response_tokens(setup, tmp_path
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     scored = tmp_path / "scores.parquet"
     ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"data.path={data}",
-              f"output={scored}", "model.micro_batch_size=8"))
+              f"output={scored}", "model.micro_batch_size=8", "data.empty_answers=keep"))
     tokens = {(r["id"], r["epoch"], r["column"]): r["tokens"] for r in pq.read_table(scored).to_pylist()}
     assert len(tokens) == 8 * 2 * 3
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))

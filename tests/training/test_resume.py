@@ -140,3 +140,104 @@ def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):
     result = run_child(data_parallel_command(run_dir))
     assert result.returncode == 0, result.stderr[-6000:]
     assert_same_run(run_dir, uninterrupted_dp)
+
+
+def start_and_wait_for_a_step(run_dir: Path, log: Path) -> subprocess.Popen:
+    """Start a run (output to ``log``, which a full pipe cannot block) and wait for its first step."""
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command(run_dir), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env=subprocess_env())
+    deadline = time.time() + 600
+    while not ((run_dir / "metrics.jsonl").exists() and metrics(run_dir)):
+        assert process.poll() is None, "the run ended before its first step"
+        assert time.time() < deadline, "no step was logged"
+        time.sleep(0.05)
+    return process
+
+
+def test_ctrl_c_checkpoints_and_resumes_exactly(uninterrupted, tmp_path):
+    """SIGINT (Ctrl-C) by default: finish the step, checkpoint, exit 75 with a line saying how to
+    resume; the resumed run equals the uninterrupted one."""
+    run_dir = tmp_path / "interrupted"
+    process = start_and_wait_for_a_step(run_dir, tmp_path / "log")
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=600)
+    stderr = (tmp_path / "log").read_text()
+    assert process.returncode == 75, stderr[-4000:]
+    assert "run again with the same run.dir to resume" in stderr
+    stopped_at = len(metrics(run_dir))
+    assert stopped_at < 10, "the signal came too late to test a stop"
+    [last] = complete_last_checkpoints(run_dir)
+    assert torch.load(last / "weights" / "common.pt", weights_only=False)["global_step"] == stopped_at
+    assert last.name == f"step={stopped_at}-last" and f"after step {stopped_at} " in stderr
+    run(run_dir)
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    process = start_and_wait_for_a_step(tmp_path / "twice", tmp_path / "log")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    stderr = (tmp_path / "log").read_text()
+    assert process.returncode == 130, stderr[-4000:]
+    assert "second SIGINT" in stderr
+
+
+def checkpoints_by_step(run_dir: Path) -> dict[int, list[Path]]:
+    found: dict[int, list[Path]] = {}
+    for path in (run_dir / "checkpoints").iterdir():
+        if path.is_dir():
+            step = torch.load(path / "weights" / "common.pt", weights_only=False)["global_step"]
+            found.setdefault(step, []).append(path)
+    return found
+
+
+@pytest.mark.parametrize("damage", ["truncated_distcp", "missing_common", "unfinished", "deleted"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, tmp_path, damage):
+    """The newest checkpoints (step 10) damaged: the rerun names the damaged file in one line, resumes
+    from step 8 and ends exactly like the uninterrupted run, with one step sequence in metrics.jsonl."""
+    run_dir = tmp_path / damage
+    shutil.copytree(uninterrupted, run_dir)
+    by_step = checkpoints_by_step(run_dir)
+    assert sorted(by_step) == [8, 10]
+    [last] = [p for p in by_step[10] if p.name.endswith("-last")]
+    for other in by_step[10]:
+        if other != last:
+            shutil.rmtree(other)
+    if damage == "truncated_distcp":
+        shard = sorted((last / "weights").glob("*.distcp"))[-1]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        named = shard.name
+    elif damage == "missing_common":
+        (last / "weights" / "common.pt").unlink()
+        named = "common.pt"
+    elif damage == "unfinished":
+        last.with_name(last.name + "-unfinished").touch()
+        named = "unfinished"
+    else:
+        shutil.rmtree(last)
+        named = None
+    result = run(run_dir)
+    if named:
+        [line] = [x for x in result.stdout.splitlines() if "cannot be resumed from" in x]
+        assert named in line and last.name in line, line
+        assert (run_dir / "damaged" / last.name).exists()  # moved aside, not deleted
+    assert "Traceback" not in result.stderr
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 11))
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_history_without_a_usable_checkpoint_is_refused(uninterrupted, tmp_path):
+    run_dir = tmp_path / "no_checkpoint"
+    shutil.copytree(uninterrupted, run_dir)
+    for path in (run_dir / "checkpoints").iterdir():
+        (path / "weights" / "common.pt").unlink()
+    before = (run_dir / "metrics.jsonl").read_text()
+    result = run_child(command(run_dir))
+    assert result.returncode == 2, result.stderr[-4000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "no checkpoint to resume from" in line and "new run.dir" in line, line
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before

@@ -1,0 +1,86 @@
+"""NaN/inf guard: a step whose loss, u or gradients are not finite is never applied.
+
+After the forward and backward passes and before the optimizer touches the weights, every rank
+checks its loss statistics, u values and gradient shards; one all-reduce makes every rank agree.
+A bad step is then either skipped (weights and u stay as they were, the optimizer does not step,
+the count goes to the metrics) or, by default, stops the run with :class:`NonFiniteStep` naming
+the step and the example ids of the bad micro-batches; no checkpoint of the bad step is written,
+so the newest checkpoint holds finite weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nemo_dft.platform.collectives import any_rank
+
+logger = logging.getLogger(__name__)
+
+EXIT_NONFINITE = 3
+MODES = ("stop", "skip")
+
+
+class NonFiniteStep(RuntimeError):
+    """Training stopped at a step with a non-finite loss, u or gradient (exit :data:`EXIT_NONFINITE`)."""
+
+
+class NonFiniteGuard:
+    """Checks one optimizer step at a time; see the module docstring."""
+
+    def __init__(self, mode: str, example_ids: list[Any], check_gradients: bool = True) -> None:
+        if mode not in MODES:
+            raise ValueError(f"trainer.nonfinite: {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
+        self.example_ids = example_ids
+        self.check_gradients = check_gradients  # fp16 loss scaling skips overflowing steps itself
+        self.skipped = 0  # steps skipped so far (kept in the checkpoint)
+        self.bad = False
+        self.bad_examples: list[int] = []  # example indices of this rank's bad micro-batches
+        self._what: list[str] = []
+
+    def note_micro_batch(self, example_index: torch.Tensor, loss: torch.Tensor, u: torch.Tensor) -> None:
+        """Called by the training reduction for each micro-batch (last pipeline stage)."""
+        what = [name for name, value in (("loss", loss), ("u", u)) if not torch.isfinite(value).all()]
+        if what:
+            self._what.extend(w for w in what if w not in self._what)
+            self.bad_examples.extend(int(i) for i in example_index.detach().cpu().tolist())
+
+    def check(self, modules) -> None:
+        """After backward: agree on every rank whether this step is bad."""
+        local = bool(self._what)
+        if self.check_gradients and not local:
+            for module in modules:
+                for param in module.parameters():
+                    grad = getattr(param, "main_grad", None)
+                    grad = param.grad if grad is None else grad
+                    if grad is not None and not torch.isfinite(grad).all():
+                        self._what.append("gradient")
+                        local = True
+                        break
+                if local:
+                    break
+        self.bad = any_rank(local)
+
+    def describe(self, step: int) -> str:
+        """One line naming the step, what was not finite and the bad micro-batches' example ids
+        (gathered from every rank)."""
+        local = (sorted(set(self._what)), self.bad_examples)
+        gathered = [local]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+        what = sorted({w for entry in gathered for w in entry[0]})
+        indices = list(dict.fromkeys(i for entry in gathered for i in entry[1]))  # batch order, once each
+        ids = [self.example_ids[i] for i in indices]
+        shown = ids[:20] + (["..."] if len(ids) > 20 else [])
+        where = f"example ids {shown} of the bad micro-batch(es)" if ids else "no single micro-batch (the gradient)"
+        return f"step {step}: non-finite {' and '.join(what) or 'values'} in {where}"
+
+    def reset(self) -> None:
+        self.bad = False
+        self.bad_examples = []
+        self._what = []

@@ -1,0 +1,86 @@
+"""Bad inputs are refused before any NeMo/megatron set-up: exit 2 and one ``error:`` line naming the
+file, row, column and key (no traceback).  Runs scripts/train_dft.py's main in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+TASK = REPO / "nemo_dft" / "demo" / "assets" / "tiny_task"
+
+
+def rows(n: int = 4) -> list[dict]:
+    return [json.loads(line) for line in (TASK / "train.jsonl").read_text().splitlines()[:n]]
+
+
+def write(path: Path, data: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    return path
+
+
+def non_utf8(tmp: Path) -> Path:
+    path = write(tmp / "bytes.jsonl", rows())
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"Repeat", b"Rep\xffeat", 1)
+    path.write_bytes(b"\n".join(lines))
+    return path
+
+
+def empty_answer(tmp: Path) -> Path:
+    data = rows()
+    data[2]["generated_1"][-1]["content"] = "  "
+    return write(tmp / "empty.jsonl", data)
+
+
+def missing_negative(tmp: Path) -> Path:
+    data = rows()
+    del data[1]["generated_0"]
+    return write(tmp / "missing.jsonl", data)
+
+
+def bad_json(tmp: Path) -> Path:
+    path = write(tmp / "bad.jsonl", rows())
+    path.write_text(path.read_text() + '{"id": 9, "real": [\n')
+    return path
+
+
+# (overrides, or a function making data.path; what the one error line must name)
+CASES = {
+    "max_steps_0": (["trainer.max_steps=0"], ["trainer.max_steps", ">= 1"]),
+    "tp_above_query_groups": (["model.tensor_model_parallel_size=4", "trainer.devices=4"],
+                              ["model.tensor_model_parallel_size", "num_query_groups=2"]),
+    "non_utf8_byte": (non_utf8, ["data.path", "bytes.jsonl:3", "column", "0xff", "UTF-8"]),
+    "empty_answer": (empty_answer, ["data.path", "row 2", "generated_1", "empty", "data.empty_answers"]),
+    "missing_negative": (missing_negative, ["data.path", "row 1", "generated_0", "missing"]),
+    "invalid_json": (bad_json, ["data.path", "bad.jsonl:5", "column", "invalid JSON"]),
+    "nonfinite_mode": (["trainer.nonfinite=ignore"], ["trainer.nonfinite"]),
+    "eval_interval_0": (["trainer.val_check_interval=0"], ["trainer.val_check_interval"]),
+}
+
+
+@pytest.fixture(scope="module")
+def train_main():
+    spec = importlib.util.spec_from_file_location("train_dft_script", REPO / "scripts" / "train_dft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line(case, train_main, tmp_path, capsys):
+    make, named = CASES[case]
+    overrides = make if isinstance(make, list) else [f"data.path={make(tmp_path)}"]
+    code = train_main([f"run.dir={tmp_path / 'run'}", "trainer.progress_bar=false", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for part in named:
+        assert part in lines[0], (part, lines[0])
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written
