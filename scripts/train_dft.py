@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0
+    from nemo_dft.training.train import read_checked_rows, train
+
+    try:
+        rows = read_checked_rows(cfg)  # before anything is written to run.dir
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from nemo_dft.config.summary import key_settings
 
     log_file = console.configure(cfg.run.dir, verbose=args.verbose)
@@ -80,10 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:
             print(f"    library messages: {log_file} (--verbose prints them here)", flush=True)
     from nemo_dft.training.nonfinite import EXIT_NONFINITE, NonFiniteStep
-    from nemo_dft.training.train import train
 
     try:
-        result = train(cfg)
+        result = train(cfg, rows)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -110,10 +110,13 @@ def resolve_max_steps(cfg: DictConfig, train: DFTGroupDataset) -> int:
     return cfg.trainer.max_steps
 
 
-def train(cfg: DictConfig) -> TrainResult:
-    """Run (or resume) DFT training as configured; returns a summary for rank 0 to print."""
+def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainResult:
+    """Run (or resume) DFT training as configured; returns a summary for rank 0 to print.
+
+    ``rows``: the output of :func:`read_checked_rows`, when the caller checked the data already."""
     started = time.perf_counter()
-    rows = read_checked_rows(cfg)  # data errors before any device or NeMo set-up
+    if rows is None:
+        rows = read_checked_rows(cfg)  # data errors before any device or NeMo set-up
     run_dir = Path(cfg.run.dir).resolve()
     from nemo_dft.training.recovery import choose_resume_checkpoint
 
