@@ -172,6 +172,9 @@ def validate_for_generation(cfg: DictConfig) -> None:
     for key, ok, rule in checks:
         if not ok:
             raise ConfigError(f"'{key}' must be {rule}, got {OmegaConf.select(cfg, key)!r}")
+    model = str(cfg.model.path)
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise ConfigError(f"'model.path': {model} does not exist (a local model directory, or a hub id org/name)")
     index = cfg.shard.index
     if index is not None and not 0 <= index < cfg.shard.count:
         raise ConfigError(

@@ -210,6 +210,11 @@ def run_generation(cfg: DictConfig, backend: Backend | None = None, tokenizer: A
     out_dir, count = Path(cfg.output.dir), int(cfg.shard.count)
     rows, source = load_input(cfg.data)
     examples = extract_examples(rows, cfg.data.format, source)
+    if count > len(examples):
+        raise GenerationError(
+            f"shard.count: {count} shards for {len(examples)} examples of {source} would leave "
+            f"{count - len(examples)} shard(s) empty; use shard.count <= {len(examples)}"
+        )
     fp = fingerprint(cfg)
     selected = list(range(count)) if cfg.shard.index is None else [int(cfg.shard.index)]
     results: list[ShardResult] = []

@@ -92,3 +92,19 @@ def test_script_reports_config_errors_in_one_line(tmp_path) -> None:
     assert proc.returncode == 2
     assert "error: 'model.path' is required" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_local_model_path_is_one_line_before_any_model_loads(tmp_path, capsys) -> None:
+    from nemo_dft.generation.cli import main
+
+    loaded = []
+    missing = tmp_path / "no-such-model"
+    argv = [f"model.path={missing}", "data.input=rows.jsonl", f"output.dir={tmp_path / 'out'}"]
+    assert main("generate_negatives.py", "test", lambda cfg: (validate_for_generation(cfg), loaded.append(cfg)),
+                argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"generate_negatives.py: error: 'model.path': {missing} does not exist "
+                   "(a local model directory, or a hub id org/name)"]
+    assert not loaded
+    # a hub id is left to the backend (it may be reachable on a cluster)
+    validate_for_generation(load_config(None, ["model.path=org/model", "data.input=x", "output.dir=y"]))

@@ -333,3 +333,9 @@ def test_script_on_a_model_without_chat_template_uses_the_zephyr_prompt(make_cfg
             cut = sample.index(2) if 2 in sample else len(sample)
             expected = tok.decode(sample[:cut], skip_special_tokens=True).lstrip()
             assert rows[task["id"]][f"generated_{k}"][1]["content"] == expected
+
+
+def test_more_shards_than_examples_is_refused_before_generating(make_cfg, tmp_path) -> None:
+    with pytest.raises(GenerationError, match=r"^shard.count: 9 shards for 7 examples .* use shard.count <= 7"):
+        run_generation(make_cfg(**{"shard.count": 9}))
+    assert not (tmp_path / "out").exists() or _shard_files(tmp_path / "out") == []
