@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,9 @@ class HeldOutEvaluation(pl.Callback):
         was_training = network.training
         network.eval()
         bar = tqdm(total=len(steps), desc=f"held-out ({when})", unit="batch",
-                   disable=not self.progress_bar or trainer.global_rank != 0, leave=False)
+                   # only on a terminal: in a log file its redraws would bury the one-line result below
+                   disable=not self.progress_bar or trainer.global_rank != 0 or not sys.stderr.isatty(),
+                   leave=False)
         try:
             with torch.no_grad(), trainer.strategy.precision_plugin.val_step_context():
                 for micro_batches in steps:

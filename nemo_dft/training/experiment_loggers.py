@@ -37,6 +37,7 @@ class ScalarsToLoggers(pl.Callback):
         self._evaluations_sent = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._send_evaluations(trainer, pl_module)  # e.g. the one before training
         if trainer.global_rank != 0 or not trainer.loggers or not self.metrics.history:
             return
         record = self.metrics.history[-1]
@@ -44,7 +45,8 @@ class ScalarsToLoggers(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=int(record["step"]))
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
+    def _send_evaluations(self, trainer: pl.Trainer, pl_module) -> None:
+        """Held-out results recorded since the last call (nemo_dft.training.evaluation fills them)."""
         results = getattr(pl_module, "eval_results", [])
         new, self._evaluations_sent = results[self._evaluations_sent:], len(results)
         if trainer.global_rank != 0 or not trainer.loggers:
@@ -56,6 +58,7 @@ class ScalarsToLoggers(pl.Callback):
                 logger.log_metrics(scalars, step=int(result["step"]))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._send_evaluations(trainer, pl_module)  # the one after the last step
         for logger in trainer.loggers:
             logger.save()
 

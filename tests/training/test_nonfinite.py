@@ -38,7 +38,9 @@ def order_of_epoch_0() -> list:
     from nemo_dft.data.io import read_rows
 
     rows = read_rows(REPO / "nemo_dft" / "demo" / "assets" / "tiny_task" / "train.jsonl")
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "nemo_dft" / "build" / "tiny-tokenizer")
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
     groups = DFTGroupDataset(rows, tokenizer, GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32),
                              "train")
     return [groups.example_ids[groups.locate(j)[1]] for j in range(16)]
