@@ -195,6 +195,21 @@ def _patch_distributed_optimizer_state_dict() -> None:
 
     distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
+    # The same load path gives every parameter's Adam state one shared "step" tensor; torch's Adam
+    # increments each parameter's step in place, so a shared one would advance once per parameter
+    # per optimizer step and skew the bias correction of every step after a resume.
+    original_load = distrib_optimizer.DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        result = original_load(self, state_dict)
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            for state in self.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        return result
+
+    distrib_optimizer.DistributedOptimizer.load_state_dict = load_state_dict
+
 
 def enable_cpu_compat() -> None:
     """Apply every CPU patch once in this process (idempotent)."""

@@ -1,6 +1,5 @@
 """The distributed optimizer's sharded state survives a crash: a SIGKILLed DP = 2 run resumes
-bit-exactly; its checkpoint (saved fully reshardable) loads at DP = 1, whose continuation should match
-the DP = 2 one (a known gap, marked xfail).
+bit-exactly, and its checkpoint (saved fully reshardable) also continues at DP = 1.
 
 Dropout is off here so that the DP = 1 continuation, which cannot take the DP = 2 ranks' random
 generators, computes the same losses as the DP = 2 one."""
@@ -70,9 +69,6 @@ def test_killed_dp2_run_resumes_bit_exactly(killed_and_uninterrupted):
     assert torch.equal(final_u(killed), final_u(uninterrupted))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: the DP=2 checkpoint loads at DP=1 (optimizer state resharded element for element, and "
-    "the first step after it matches), but later steps diverge from the DP=2 continuation on CPU"))
 def test_dp2_checkpoint_continues_at_dp1(killed_and_uninterrupted):
     _, uninterrupted, at_dp1 = killed_and_uninterrupted
     [checkpoint] = complete_last_checkpoints(at_dp1)
