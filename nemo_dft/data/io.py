@@ -75,6 +75,16 @@ def read_rows(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     raise DataFormatError(f"{path}: unsupported extension {suffix!r} (expected .jsonl, .json or .parquet)")
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` via a temporary name and a rename, so a crash never leaves a partial file
+    (the file gets the umask's mode, like any other output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_parquet_atomic(
     rows: list[dict[str, Any]], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> None:

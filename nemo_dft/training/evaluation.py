@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from nemo_dft.data.dataset import DFTGroupDataset
+from nemo_dft.data.io import write_text_atomic
 from nemo_dft.platform.collectives import any_rank, broadcast_from_last_stage
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class HeldOutEvaluation(pl.Callback):

@@ -8,12 +8,13 @@ user can check the memory a layout saves before scaling it up.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from nemo_dft.data.io import write_text_atomic
 
 
 def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -57,7 +58,4 @@ class OptimizerMemoryReport(pl.Callback):
         report = {"optimizer_state_bytes_per_rank": [int(t.item()) for t in gathered],
                   "use_distributed_optimizer": bool(getattr(trainer.strategy.ddp_config, "use_distributed_optimizer",
                                                             False))}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(report, indent=2) + "\n")

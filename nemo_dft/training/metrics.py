@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from tqdm import tqdm
 
+from nemo_dft.data.io import write_text_atomic
 from nemo_dft.platform.collectives import broadcast_from_last_stage
 from nemo_dft.training.throughput import Throughput
 
@@ -57,9 +57,7 @@ class MetricsJsonl(pl.Callback):
         if trainer.global_rank != 0 or trainer.global_step == 0 or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= trainer.global_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._last_time is None:

@@ -87,10 +87,9 @@ class DFTModel(LogProbGPTModel):
         return self._reference[0]
 
     def reference_token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not self._reference:
-            raise RuntimeError("reference-based DFT needs the frozen reference; call setup_reference() first")
+        reference = self.reference_module()
         with torch.no_grad():
-            logits = self._reference[0](batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            logits = reference(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
             return token_logps(logits, batch["labels"], inplace=True)
 
     def setup_reference(self) -> None:

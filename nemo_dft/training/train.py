@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_dft.config.training import ConfigError, data_parallel_size
 from nemo_dft.data.dataset import DFTGroupDataset, group_settings
-from nemo_dft.data.io import read_rows
+from nemo_dft.data.io import read_rows, write_text_atomic
 from nemo_dft.modeling.runtime import enable_device, make_strategy, slurm_plugins
 from nemo_dft.modeling.tokenizer import load_tokenizer
-from nemo_dft.platform.console import adopt_library_logging
+from nemo_dft.platform.console import adopt_library_logging, process_rank
 from nemo_dft.platform.precision import precision_plugin
 
 logger = logging.getLogger(__name__)
@@ -120,8 +119,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     run_dir = Path(cfg.run.dir).resolve()
     from nemo_dft.training.recovery import choose_resume_checkpoint
 
-    first_rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
-    resume_from = choose_resume_checkpoint(run_dir, first_rank=first_rank)
+    resume_from = choose_resume_checkpoint(run_dir, first_rank=process_rank() == 0)
     if resume_from is not None and (run_dir / "config.yaml").exists():
         from nemo_dft.config.rerun import check_rerun
 
@@ -265,10 +263,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
         restore_config=nl.RestoreConfig(path=cfg.model.init_from) if cfg.model.init_from else None,
     )
     if trainer.global_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".config.yaml.tmp{os.getpid()}"
-        OmegaConf.save(cfg, tmp)
-        os.replace(tmp, run_dir / "config.yaml")
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     logger.info("DFT: %d steps, data-parallel size %d", max_steps, dp)
     llm.train(model, data, trainer, log=nemo_logger, resume=resume)
 
