@@ -174,6 +174,22 @@ def data_parallel_size(cfg: DictConfig) -> int:
     return world // model_parallel
 
 
+# The head and layer counts of NeMo's own architecture configs (model.preset=null), so that a
+# layout they cannot take is refused before NeMo is imported (a test checks them against NeMo).
+ARCHITECTURE_SHAPES: dict[str, dict[str, int]] = {
+    "llama": {"num_layers": 32, "num_attention_heads": 32, "num_query_groups": 32},
+    "mistral": {"num_layers": 32, "num_attention_heads": 32, "num_query_groups": 8},
+}
+
+
+def known_model_shape(cfg: DictConfig) -> dict[str, Any]:
+    """The shape fields known without NeMo: the preset's (or architecture's) and ``model.config``
+    (a checkpoint preset's shape is only known once its context is read)."""
+    shape = dict(ARCHITECTURE_SHAPES.get(cfg.model.arch, {})) if cfg.model.preset is None else {}
+    shape.update(model_config_overrides(cfg))
+    return shape
+
+
 def model_config_overrides(cfg: DictConfig) -> dict[str, Any]:
     """The NeMo GPT config fields this run sets: the preset's shape, then ``model.config``."""
     from omegaconf import OmegaConf
@@ -181,6 +197,23 @@ def model_config_overrides(cfg: DictConfig) -> dict[str, Any]:
     overrides = dict(TINY_MISTRAL_SHAPE) if cfg.model.preset == "tiny" else {}
     overrides.update(OmegaConf.to_container(cfg.model.config, resolve=True))
     return overrides
+
+
+def _check_tokenizer(cfg: DictConfig) -> None:
+    """``tokenizer.path`` and ``tokenizer.chat_template`` from the files alone (no library import)."""
+    from nemo_dft.data.chat_template import resolve_chat_template, stored_chat_template, tokenizer_dir_problem
+
+    path = cfg.tokenizer.path
+    if path is not None:
+        problem = tokenizer_dir_problem(str(path))
+        _require(problem is None, "tokenizer.path", str(problem))
+    # the tiny tokenizer (path null) is built here with a template; otherwise read what the files say
+    stored = "tiny" if path is None else stored_chat_template(str(path))
+    try:
+        resolve_chat_template(cfg.tokenizer.chat_template, stored)
+    except ValueError as err:
+        where = f" ({path})" if path is not None and cfg.tokenizer.chat_template is None else ""
+        raise ConfigError(f"{err}{where}") from err
 
 
 def validate(cfg: DictConfig, check_files: bool = True) -> None:
@@ -219,7 +252,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
              f"{m.preset!r} is not 'tiny', 'checkpoint' or null")
     _require(m.preset != "checkpoint" or m.init_from is not None, "model.preset",
              "'checkpoint' takes the architecture from model.init_from, which is not set")
-    layers = model_config_overrides(cfg).get("num_layers")
+    layers = known_model_shape(cfg).get("num_layers")
     if layers is not None:
         _require(m.pipeline_model_parallel_size <= layers, "model.pipeline_model_parallel_size",
                  f"{m.pipeline_model_parallel_size} stages exceed the model's {layers} layers")
@@ -243,6 +276,8 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     _require(not check_files or Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
     if check_files and cfg.data.eval_path is not None:
         _require(Path(cfg.data.eval_path).exists(), "data.eval_path", f"{cfg.data.eval_path} does not exist")
+    if check_files:
+        _check_tokenizer(cfg)
     _require(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must lie in [0, 1)")
     _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0")
     from nemo_dft.platform.signals import parse_signals
@@ -264,7 +299,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
              f"must be >= 1 (or null for every epoch), got {cfg.trainer.max_steps}")
     _require(cfg.trainer.val_check_interval is None or cfg.trainer.val_check_interval >= 1,
              "trainer.val_check_interval", f"must be >= 1 (or null), got {cfg.trainer.val_check_interval}")
-    shape = model_config_overrides(cfg)
+    shape = known_model_shape(cfg)
     tp = m.tensor_model_parallel_size
     for field_name in ("num_attention_heads", "num_query_groups"):
         count = shape.get(field_name)

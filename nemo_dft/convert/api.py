@@ -18,6 +18,7 @@ from nemo_dft.convert.arch import check_hf_dir, check_nemo_dir, detect_hf_arch, 
 from nemo_dft.convert.cpu import prepare_process
 from nemo_dft.convert.errors import ConversionError, MissingFileError
 from nemo_dft.convert.progress import note
+from nemo_dft.data.io import make_group_readable
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # llm.export_ckpt's "hf" target first runs a ModelOpt probe that loads the whole model a second
@@ -94,6 +95,7 @@ def import_hf(
     model = probe.model_cls(probe.config)  # only its class matters: NeMo picks importers by class
     path = llm.import_ckpt(model, f"hf://{hf_dir.resolve()}", output_path=out, overwrite=overwrite, arch=arch)
     check_nemo_dir(Path(path))  # a conversion that silently skipped would leave no context/
+    make_group_readable(path)
     note(f"import finished in {time.perf_counter() - start:.1f} s: {path}")
     return Path(path)
 
@@ -136,6 +138,7 @@ def export_hf(
         load_connector=load_connector,
         dtype=out_dtype,
     )
+    make_group_readable(path)
     if not _has_chat_template(Path(path)):
         note(f"warning: {path} has no chat template (the checkpoint's tokenizer had none)")
     note(f"export finished in {time.perf_counter() - start:.1f} s: {path}")

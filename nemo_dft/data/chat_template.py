@@ -56,3 +56,38 @@ def resolve_chat_template(setting: str | None, tokenizer_template: str | None) -
             f"({sorted(NAMED_CHAT_TEMPLATES)}) nor a Jinja template"
         )
     return setting
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an HF tokenizer directory, or None; read from the files alone, so
+    that a wrong ``tokenizer.path`` is reported before any library loads it."""
+    from pathlib import Path
+
+    directory = Path(path)
+    if not directory.is_dir():
+        return f"{path} is not a directory"
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return f"{path} holds none of {', '.join(TOKENIZER_FILES)}: not an HF tokenizer directory"
+    return None
+
+
+def stored_chat_template(path: str) -> str | None:
+    """The chat template an HF tokenizer directory carries (``chat_template.jinja`` or the
+    ``chat_template`` of ``tokenizer_config.json``), without loading the tokenizer."""
+    import json
+    from pathlib import Path
+
+    directory = Path(path)
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, UnicodeDecodeError):
+        return None  # the tokenizer library reports a damaged file itself, naming it
+    return template if isinstance(template, str) else ("list" if template else None)

@@ -102,14 +102,26 @@ def write_parquet_atomic(
     os.close(fd)
     try:
         pq.write_table(table, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file is for the whole group
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; the file is for the whole group
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def make_group_readable(directory: str | Path) -> None:
+    """Give every file under ``directory`` the mode the umask allows (0644 under 022).
+
+    Libraries that write through a private temporary file (safetensors does) leave 0600 files,
+    which the rest of a cluster group cannot read."""
+    mode = 0o666 & ~umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)

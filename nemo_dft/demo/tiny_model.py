@@ -32,6 +32,9 @@ TINY_MISTRAL_SHAPE = {
     "num_query_groups": 2,
     "kv_channels": 32,
     "seq_length": 256,
+    # the tiny HF model has no sliding window; without this the preset would keep NeMo's Mistral
+    # window ([4096, 0]) and an export would say sliding_window: 4097 where the HF model says null
+    "window_size": None,
 }
 
 

@@ -83,6 +83,10 @@ def make_gpt_config(cfg: DictConfig, on_gpu: bool):
         base = checkpoint_gpt_config(cfg.model.init_from) if cfg.model.preset == "checkpoint" else None
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    shape = {name: getattr(base if base is not None else ARCHITECTURES.get(cfg.model.arch), name, None)
+             for name in ("num_layers", "num_attention_heads", "num_query_groups")}
+    shape.update({name: value for name, value in overrides.items() if name in shape})
+    check_layout_fits(shape, cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size)
     return build_gpt_config(
         cfg.model.arch,
         overrides,
@@ -93,3 +97,17 @@ def make_gpt_config(cfg: DictConfig, on_gpu: bool):
         context_parallel=cfg.model.context_parallel_size,
         on_cpu=not on_gpu,
     )
+
+
+def check_layout_fits(shape: dict[str, Any], tensor_parallel: int, pipeline_parallel: int) -> None:
+    """The check the config validation makes from known shapes, for a shape read from a checkpoint:
+    a ConfigError naming the key here, where megatron would fail with a traceback."""
+    for field_name in ("num_attention_heads", "num_query_groups"):
+        count = shape.get(field_name)
+        if isinstance(count, int) and count and count % tensor_parallel:
+            raise ConfigError(f"model.tensor_model_parallel_size: {tensor_parallel} does not divide the "
+                              f"model's {field_name}={count}")
+    layers = shape.get("num_layers")
+    if isinstance(layers, int) and layers and pipeline_parallel > layers:
+        raise ConfigError(f"model.pipeline_model_parallel_size: {pipeline_parallel} stages exceed the "
+                          f"model's {layers} layers")

@@ -143,6 +143,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     from nemo_dft.training.reference_pipeline import PipelinedReference
 
     adopt_library_logging()
+    gpt_config = make_gpt_config(cfg, on_gpu)  # first: a checkpoint's shape may not fit the layout
     tokenizer = load_tokenizer(cfg)
     train_ds, eval_ds = build_datasets(cfg, tokenizer.tokenizer, rows)
     if not cfg.dft.ref_free and cfg.dft.reference == "offline":
@@ -151,7 +152,6 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     gbs = cfg.model.global_batch_size
     dp = data_parallel_size(cfg)
 
-    gpt_config = make_gpt_config(cfg, on_gpu)
     optim = MegatronOptimizerModule(
         config=OptimizerConfig(
             optimizer="adam",

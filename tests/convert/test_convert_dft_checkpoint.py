@@ -24,14 +24,22 @@ def train_checkpoint(run_dir: Path, tp: int) -> Path:
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_dft_checkpoint_exports_to_hf_with_matching_logits(tmp_path, tp):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from nemo_dft.convert import export_hf, verify
+    from nemo_dft.data.io import umask
+    from nemo_dft.demo.tiny_model import tiny_hf_model_dir
 
     checkpoint = train_checkpoint(tmp_path / "run", tp)
     hf_dir = export_hf(checkpoint, tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     assert model.config.model_type == "mistral" and model.config.num_hidden_layers == 2
+    # the tiny preset is the tiny HF model's shape: no sliding window, as the HF model says
+    tiny_config = AutoConfig.from_pretrained(tiny_hf_model_dir("mistral"))
+    assert tiny_config.sliding_window is None and model.config.sliding_window is None
+    group_mode = 0o666 & ~umask()
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in hf_dir.iterdir() if p.is_file()} == {
+        p.name: oct(group_mode) for p in hf_dir.iterdir() if p.is_file()}
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     assert tokenizer.chat_template and "<|assistant|>" in tokenizer.chat_template
     inputs = tokenizer("Repeat: c a t", return_tensors="pt")

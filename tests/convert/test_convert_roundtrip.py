@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from nemo_dft.convert import api, cli
 from nemo_dft.convert.errors import ConfigMismatchError
+from nemo_dft.data.io import umask
 
 pytestmark = pytest.mark.slow
 
@@ -222,3 +223,24 @@ def test_gptmodel_subclass_import_and_export_via_nemo_api(tiny_hf, tmp_path: Pat
     exported = load_file(str(Path(out) / "model.safetensors"))
     assert sorted(exported) == sorted(original)
     assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+
+
+ARCH_KEYS = ("sliding_window", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps",
+             "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id")
+
+
+@pytest.mark.parametrize(("arch", "tied", "window"), VARIANTS, ids=IDS)
+def test_exported_config_says_what_the_imported_one_said(convert, arch: str, tied: bool, window: int | None) -> None:
+    """Every architecture key of config.json survives the round trip (sliding_window included)."""
+    import json
+
+    result = convert(arch, tied, window)
+    source = json.loads((result.source / "config.json").read_text())
+    exported = json.loads((result.hf / "config.json").read_text())
+    differing = {key: (source.get(key), exported.get(key)) for key in ARCH_KEYS
+                 if key in source and source.get(key) != exported.get(key)}
+    assert not differing, differing
+    group_mode = 0o666 & ~umask()
+    modes = {path.name: path.stat().st_mode & 0o777 for path in result.hf.iterdir() if path.is_file()}
+    assert set(modes.values()) == {group_mode}, modes

@@ -49,6 +49,15 @@ def bad_json(tmp: Path) -> Path:
     return path
 
 
+def tokenizer_without_template(tmp: Path) -> str:
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+    config = json.loads((tiny_tokenizer_dir() / "tokenizer.json").read_text())
+    (tmp / "tok").mkdir()
+    (tmp / "tok" / "tokenizer.json").write_text(json.dumps(config))
+    return f"tokenizer.path={tmp / 'tok'}"
+
+
 # (overrides, or a function making data.path; what the one error line must name)
 CASES = {
     "max_steps_0": (["trainer.max_steps=0"], ["trainer.max_steps", ">= 1"]),
@@ -58,6 +67,13 @@ CASES = {
     "empty_answer": (empty_answer, ["data.path", "row 2", "generated_1", "empty", "data.empty_answers"]),
     "missing_negative": (missing_negative, ["data.path", "row 1", "generated_0", "missing"]),
     "invalid_json": (bad_json, ["data.path", "bad.jsonl:5", "column", "invalid JSON"]),
+    "tp_above_mistral_query_groups": (
+        ["model.preset=null", "model.tensor_model_parallel_size=16", "trainer.devices=16"],
+        ["model.tensor_model_parallel_size", "num_query_groups=8"]),
+    "tokenizer_path_missing": (["tokenizer.path=/nonexistent/tok"], ["tokenizer.path", "/nonexistent/tok"]),
+    "tokenizer_path_not_a_tokenizer": ([f"tokenizer.path={TASK}"], ["tokenizer.path", "not an HF tokenizer"]),
+    "tokenizer_without_template": (tokenizer_without_template, ["tokenizer.chat_template", "no chat template"]),
+    "unknown_template_name": (["tokenizer.chat_template=chatml"], ["tokenizer.chat_template", "chatml"]),
     "nonfinite_mode": (["trainer.nonfinite=ignore"], ["trainer.nonfinite"]),
     "eval_interval_0": (["trainer.val_check_interval=0"], ["trainer.val_check_interval"]),
 }
@@ -74,7 +90,8 @@ def train_main():
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_2_with_one_line(case, train_main, tmp_path, capsys):
     make, named = CASES[case]
-    overrides = make if isinstance(make, list) else [f"data.path={make(tmp_path)}"]
+    made = None if isinstance(make, list) else make(tmp_path)
+    overrides = make if made is None else [made if "=" in str(made) else f"data.path={made}"]
     code = train_main([f"run.dir={tmp_path / 'run'}", "trainer.progress_bar=false", *overrides])
     err = capsys.readouterr().err
     assert code == 2, err
