@@ -71,7 +71,8 @@ def site_overrides() -> list[str]:
 
 
 def load_recipe(name: str, extra: list[str] | None = None) -> DictConfig:
-    return load_config(REPO / "conf" / name, site_overrides() + (extra or []))
+    # the recipes' model and tokenizer paths are the cluster's: files are not checked here
+    return load_config(REPO / "conf" / name, site_overrides() + (extra or []), check_files=False)
 
 
 def uses_frozen_reference(cfg: DictConfig) -> bool:
