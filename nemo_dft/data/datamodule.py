@@ -44,6 +44,7 @@ class DFTDataModule(pl.LightningDataModule):
         pad_id: int,
         fixed_length: bool,
         num_workers: int = 0,
+        negatives_only: bool = False,
     ) -> None:
         super().__init__()
         self.train_dataset = train
@@ -52,11 +53,12 @@ class DFTDataModule(pl.LightningDataModule):
         self.global_batch_size = global_batch_size
         width = train.settings.max_length - 1
         self.seq_length = width
-        self.collate = functools.partial(collate_groups, pad_id=pad_id, pad_to=width if fixed_length else None)
+        self.collate = functools.partial(collate_groups, pad_id=pad_id, pad_to=width if fixed_length else None,
+                                         negatives_only=negatives_only)
         self.num_workers = num_workers
         self.init_global_step = 0
         self.data_sampler = DFTDataSampler(
-            group_size=1 + train.settings.num_negatives,
+            group_size=train.settings.num_negatives + (0 if negatives_only else 1),
             seq_len=width,
             micro_batch_size=micro_batch_size,
             global_batch_size=global_batch_size,

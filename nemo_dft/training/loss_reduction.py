@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from nemo.lightning.megatron_parallel import MegatronLossReduction
 
-from nemo_dft.modeling.logprobs import sequence_logps, split_groups
+from nemo_dft.modeling.logprobs import negative_sub_batch, sequence_logps, split_groups
 from nemo_dft.objective import dft_loss, length_average
 
 if TYPE_CHECKING:
@@ -66,6 +66,12 @@ class DFTLossReduction(MegatronLossReduction):
         group_size = 1 + self.hparams.num_negatives
         return split_groups(sums, group_size), split_groups(lengths, group_size)
 
+    def negative_scores(self, batch: dict[str, torch.Tensor], neg_token_logps: torch.Tensor) -> torch.Tensor:
+        """[B, m] summed response log-probs from per-token log-probs of the negative rows alone."""
+        mask = negative_sub_batch(batch, 1 + self.hparams.num_negatives, keys=("tokens", "loss_mask"))["loss_mask"]
+        sums, _ = sequence_logps(neg_token_logps, mask)
+        return sums.view(-1, self.hparams.num_negatives)
+
     def forward(
         self, batch: dict[str, torch.Tensor], forward_out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -93,8 +99,8 @@ class DFTLossReduction(MegatronLossReduction):
         if not self.hparams.ref_free:
             if "ref_neg_logps" in batch:  # offline: read from the precomputed file with the batch
                 ref_neg = batch["ref_neg_logps"].to(neg.dtype)
-            else:
-                (_, ref_neg), _ = self.group_scores(batch, batch["ref_token_logps"])
+            else:  # the frozen reference scored the negative rows only (B * m of them)
+                ref_neg = self.negative_scores(batch, batch["ref_neg_token_logps"])
         index = batch["example_index"]
         result = dft_loss(
             pos,

@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from nemo.collections import llm
 
 from nemo_dft.modeling.logprob_model import LogProbGPTModel
-from nemo_dft.modeling.logprobs import token_logps
+from nemo_dft.modeling.logprobs import negative_sub_batch, token_logps
 from nemo_dft.platform.collectives import broadcast_from_last_stage
 from nemo_dft.training.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
 from nemo_dft.training.u_table import UTable
@@ -53,7 +53,7 @@ class DFTModel(LogProbGPTModel):
         if not self.on_last_stage():
             return output  # hidden states for the next pipeline stage
         if with_reference:
-            batch["ref_token_logps"] = self.reference_token_logps(batch)
+            batch["ref_neg_token_logps"] = self.reference_token_logps(batch)
         return token_logps(output, batch["labels"], inplace=True)
 
     def training_step(self, batch, batch_idx=None) -> torch.Tensor:
@@ -87,10 +87,13 @@ class DFTModel(LogProbGPTModel):
         return self._reference[0]
 
     def reference_token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token reference log-probs of the negative rows only ([B * m, S]): the loss never
+        reads the positives' reference scores, so the frozen reference does not compute them."""
         reference = self.reference_module()
+        negatives = negative_sub_batch(batch, 1 + self.dft.num_negatives)
         with torch.no_grad():
-            logits = reference(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-            return token_logps(logits, batch["labels"], inplace=True)
+            logits = reference(negatives["tokens"], negatives["position_ids"], negatives.get("attention_mask"))
+            return token_logps(logits, negatives["labels"], inplace=True)
 
     def setup_reference(self) -> None:
         """Build the frozen copy of the initial weights on this rank's shard.
