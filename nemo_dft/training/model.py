@@ -20,7 +20,7 @@ from nemo_dft.modeling.logprob_model import LogProbGPTModel
 from nemo_dft.modeling.logprobs import negative_sub_batch, token_logps
 from nemo_dft.platform.collectives import broadcast_from_last_stage
 from nemo_dft.training.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
-from nemo_dft.training.u_table import UTable
+from nemo_dft.training.u_table import UTable, step_crosses_epoch
 
 
 class DFTModel(LogProbGPTModel):
@@ -137,7 +137,25 @@ class DFTModel(LogProbGPTModel):
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        from megatron.core.utils import unwrap_model
+
+        self.u_table.to(next(unwrap_model(self.module).parameters()).device)  # lookups without host copies
         self.setup_reference()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Tell the u table how this step exchanges its updates (see nemo_dft.training.u_table)."""
+        self.u_table.begin_step(exchange_each_micro_batch=self._step_may_repeat_examples())
+
+    def _step_may_repeat_examples(self) -> bool:
+        """True when this step's global batch crosses an epoch boundary (or its position is unknown)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sampler = getattr(datamodule, "data_sampler", None)
+        if sampler is None or getattr(sampler, "rampup_batch_size", None) is not None:
+            return True
+        global_batch = sampler.global_batch_size
+        steps = self.trainer.global_step - sampler.init_global_step
+        first_item = sampler.init_consumed_samples + steps * global_batch
+        return step_crosses_epoch(first_item, global_batch, len(self.u_table))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _sync_u_table_across_pipeline(self.u_table)
