@@ -13,9 +13,11 @@ Two paths, one layout (:mod:`nemo_dft.data.packing`):
   ``cu_seqlens``, as NeMo 2's packed fine-tuning passes them (:func:`thd_packed_seq_params`).
   UNTESTED here: this machine has neither a GPU nor Transformer Engine.
 
-Positions restart at 0 for every sequence (``position_ids`` from the packer), so rotary
-embeddings give each token the phase it has in the padded layout; nothing relies on RoPE's
-relative form across sequence boundaries.
+Positions: ``position_ids`` restart at 0 for every sequence (the packer's), which is what a learned
+absolute embedding reads.  Megatron-core's rotary embedding ignores ``position_ids`` and rotates by
+the index in the row: on the local spec a packed sequence therefore relies on RoPE's relative form
+(q_i . k_j depends on i - j only, and the mask keeps j in the same sequence), measured equal to the
+separate sequences to 5e-7 in logits; TE's THD path restarts the rotation at each boundary.
 """
 
 from __future__ import annotations
