@@ -148,3 +148,30 @@ def real_fraction(groups: Sequence[Sequence[int]], chunk: int, *, packing: bool,
         else:
             computed += pack_length * len(plan_rows([sum(group) for group in part], pack_length))
     return real / computed
+
+
+def is_packed(batch: dict[str, torch.Tensor]) -> bool:
+    return "segment_ids" in batch
+
+
+def packed_negative_sub_batch(batch: dict[str, torch.Tensor], group_size: int,
+                              pad_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """The negatives of a packed row, packed again on their own (the reference scores only them):
+    ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``segment_ids`` (0 .. B * m - 1, group
+    g's negatives at g*m .. g*m + m - 1) and ``cu_seqlens``."""
+    segments = batch["segment_ids"][0]
+    keep = (segments >= 0) & (segments % group_size != 0)
+    total = int(keep.sum())
+    width = _round_up(max(total, 1), pad_multiple)
+    sub: dict[str, torch.Tensor] = {}
+    for key, fill in (("tokens", 0), ("labels", 0), ("loss_mask", 0), ("position_ids", 0)):
+        row = batch[key].new_full((1, width), fill)
+        row[0, :total] = batch[key][0, keep]
+        sub[key] = row
+    kept = segments[keep]
+    renumbered = kept - kept // group_size - 1  # drop the positive's slot in every group
+    sub["segment_ids"] = segments.new_full((1, width), PADDING_SEGMENT)
+    sub["segment_ids"][0, :total] = renumbered
+    lengths = torch.bincount(renumbered, minlength=int(batch["lengths"].numel() // group_size * (group_size - 1)))
+    sub["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    return sub

@@ -68,3 +68,13 @@ def negative_sub_batch(batch: dict[str, torch.Tensor], group_size: int,
     elif mask is not None:
         sub["attention_mask"] = mask  # broadcast over rows
     return sub
+
+
+def select_negatives(batch: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """The negatives of a padded (:func:`negative_sub_batch`) or packed batch (re-packed:
+    :func:`nemo_dft.data.packing.packed_negative_sub_batch`)."""
+    if "segment_ids" in batch:
+        from nemo_dft.data.packing import packed_negative_sub_batch
+
+        return packed_negative_sub_batch(batch, group_size)
+    return negative_sub_batch(batch, group_size)

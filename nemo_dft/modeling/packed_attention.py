@@ -86,3 +86,16 @@ def thd_packed_seq_params(cu_seqlens: torch.Tensor):
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+def packed_forward_kwargs(batch: dict[str, torch.Tensor], transformer_engine: bool) -> dict:
+    """The model's attention arguments for a packed batch: THD ``packed_seq_params`` with
+    Transformer Engine, else the block-diagonal causal mask (local spec)."""
+    if transformer_engine:
+        return {"attention_mask": None, "packed_seq_params": thd_packed_seq_params(batch["cu_seqlens"])}
+    return {"attention_mask": block_causal_mask(batch["segment_ids"])}
+
+
+def uses_transformer_engine(module: torch.nn.Module) -> bool:
+    """True when the model's layers are Transformer Engine modules (the TE layer spec)."""
+    return any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine") for m in module.modules())

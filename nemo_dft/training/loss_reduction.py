@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from nemo.lightning.megatron_parallel import MegatronLossReduction
 
+from nemo_dft.data.packing import is_packed, packed_negative_sub_batch, packed_sequence_logps
 from nemo_dft.modeling.logprobs import negative_sub_batch, sequence_logps, split_groups
 from nemo_dft.objective import dft_loss, length_average
 
@@ -62,15 +63,25 @@ class DFTLossReduction(MegatronLossReduction):
         self.evaluation = evaluation
 
     def group_scores(self, batch: dict[str, torch.Tensor], token_logps: torch.Tensor, key: str = "loss_mask"):
-        sums, lengths = sequence_logps(token_logps, batch[key])
+        if is_packed(batch):  # data.packing: sequences end to end in one row
+            rows = batch["lengths"].numel()
+            sums, lengths = packed_sequence_logps(token_logps, batch[key], batch["segment_ids"], rows)
+        else:
+            sums, lengths = sequence_logps(token_logps, batch[key])
         group_size = 1 + self.hparams.num_negatives
         return split_groups(sums, group_size), split_groups(lengths, group_size)
 
     def negative_scores(self, batch: dict[str, torch.Tensor], neg_token_logps: torch.Tensor) -> torch.Tensor:
         """[B, m] summed response log-probs from per-token log-probs of the negative rows alone."""
-        mask = negative_sub_batch(batch, 1 + self.hparams.num_negatives, keys=("tokens", "loss_mask"))["loss_mask"]
-        sums, _ = sequence_logps(neg_token_logps, mask)
-        return sums.view(-1, self.hparams.num_negatives)
+        m = self.hparams.num_negatives
+        if is_packed(batch):
+            negatives = packed_negative_sub_batch(batch, 1 + m)
+            sums, _ = packed_sequence_logps(neg_token_logps, negatives["loss_mask"], negatives["segment_ids"],
+                                            batch["lengths"].numel() // (1 + m) * m)
+        else:
+            mask = negative_sub_batch(batch, 1 + m, keys=("tokens", "loss_mask"))["loss_mask"]
+            sums, _ = sequence_logps(neg_token_logps, mask)
+        return sums.view(-1, m)
 
     def forward(
         self, batch: dict[str, torch.Tensor], forward_out: torch.Tensor

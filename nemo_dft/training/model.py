@@ -16,8 +16,8 @@ import torch
 from megatron.core import parallel_state
 from nemo.collections import llm
 
-from nemo_dft.modeling.logprob_model import LogProbGPTModel
-from nemo_dft.modeling.logprobs import negative_sub_batch, token_logps
+from nemo_dft.modeling.logprob_model import LogProbGPTModel, packed_aware_forward
+from nemo_dft.modeling.logprobs import select_negatives, token_logps
 from nemo_dft.platform.collectives import broadcast_from_last_stage
 from nemo_dft.training.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
 from nemo_dft.training.u_table import UTable, step_crosses_epoch
@@ -90,9 +90,9 @@ class DFTModel(LogProbGPTModel):
         """Per-token reference log-probs of the negative rows only ([B * m, S]): the loss never
         reads the positives' reference scores, so the frozen reference does not compute them."""
         reference = self.reference_module()
-        negatives = negative_sub_batch(batch, 1 + self.dft.num_negatives)
+        negatives = select_negatives(batch, 1 + self.dft.num_negatives)
         with torch.no_grad():
-            logits = reference(negatives["tokens"], negatives["position_ids"], negatives.get("attention_mask"))
+            logits = packed_aware_forward(reference, negatives)
             return token_logps(logits, negatives["labels"], inplace=True)
 
     def setup_reference(self) -> None:

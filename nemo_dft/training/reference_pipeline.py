@@ -21,8 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from nemo_dft.modeling.logprob_model import logprob_data_step
-from nemo_dft.modeling.logprobs import negative_sub_batch, token_logps
+from nemo_dft.modeling.logprob_model import logprob_data_step, packed_aware_forward
+from nemo_dft.modeling.logprobs import select_negatives, token_logps
 
 
 def _unwrap(item: Any) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def score_micro_batches(reference: torch.nn.Module, batches: list[dict[str, torc
 
     def forward_step(data_iterator, model) -> tuple[torch.Tensor, Callable]:
         batch = logprob_data_step(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        output = packed_aware_forward(model, batch)
 
         def collect(output_tensor: torch.Tensor):
             logps = token_logps(output_tensor, batch["labels"], inplace=True)
@@ -46,7 +46,7 @@ def score_micro_batches(reference: torch.nn.Module, batches: list[dict[str, torc
 
         return output, collect
 
-    negatives = [negative_sub_batch(batch, group_size) for batch in batches]
+    negatives = [select_negatives(batch, group_size) for batch in batches]
     tokens = negatives[0]["tokens"]
     with torch.no_grad():
         outputs = get_forward_backward_func()(
