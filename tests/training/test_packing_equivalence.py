@@ -1,9 +1,14 @@
 """Packed and padded micro-batches train the same model (data.packing).
 
 From one initial checkpoint, 3 optimizer steps of the same global batch, padded and packed, for
-DFT with the frozen reference, DFT with the offline reference file and DFT2, at TP = 2 and DP = 2:
-losses, u values, grad norms and every parameter agree within 1e-5 relative (fp32, CPU).  Packing
-under pipeline parallelism is refused at start (not supported yet).
+DFT with the frozen reference, DFT with the offline reference file and DFT2, at TP = 2 and DP = 2
+(fp32, CPU).  Every step's mean sequence scores (pos_logps, neg_logps) agree within 1e-5 relative
+(measured: at most 2.8e-6).  DFT2 then agrees within 1e-5 relative in losses, u, grad norms and
+parameters (measured 1e-7).  DFT with a reference does NOT reach 1e-5: its weights exp(s/tau -
+s_ref - u) act on summed scores (about -100 here) and its loss is a small difference of such
+terms, so the fp32 rounding of a packed row's matrix products (a few 1e-7 of a score) shows up
+at 1.2e-5 (frozen, TP = 2) to 1.0e-4 (offline, DP = 2) relative in the loss; those are compared
+within 2e-4 relative (+2e-5 absolute).  Packing under pipeline parallelism is refused at start.
 """
 
 from __future__ import annotations
@@ -62,7 +67,12 @@ def packed_runs(tmp_path_factory):
 def test_packed_matches_padded(packed_runs, objective, layout):
     padded = packed_runs[f"{objective}_{layout}_packing_false"]
     packed = packed_runs[f"{objective}_{layout}_packing_true"]
-    assert_same_training(padded, packed, f"{objective} {layout} packed", rtol=1e-5, atol=1e-6)
+    for key in ("pos_logps", "neg_logps"):
+        torch.testing.assert_close(torch.tensor([m[key] for m in packed["metrics"]], dtype=torch.float64),
+                                   torch.tensor([m[key] for m in padded["metrics"]], dtype=torch.float64),
+                                   rtol=1e-5, atol=0.0, msg=f"{objective} {layout}: {key}")
+    rtol, atol = (1e-5, 1e-6) if objective == "dft2" else (2e-4, 2e-5)  # see the module docstring
+    assert_same_training(padded, packed, f"{objective} {layout} packed", rtol=rtol, atol=atol)
 
 
 def test_packing_under_pipeline_parallelism_is_refused():
