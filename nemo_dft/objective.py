@@ -110,6 +110,7 @@ def dft_loss(
     ref_neg_logps: torch.Tensor | None = None,
     pos_lengths: torch.Tensor | None = None,
     neg_lengths: torch.Tensor | None = None,
+    with_metrics: bool = True,
 ) -> DFTLossOutput:
     """DFT (``ref_neg_logps`` given) or DFT2 (``ref_neg_logps=None``) loss for one batch.
 
@@ -122,6 +123,8 @@ def dft_loss(
         ref_neg_logps: [B, m] reference log-probs of the negatives; None selects DFT2.
         pos_lengths, neg_lengths: response token counts; required by DFT2, and used by
             DFT only for the length-averaged ranking-accuracy metric.
+        with_metrics: False leaves ``metrics`` empty: they are Python floats, one device-to-host
+            copy each, which a training step computing its own statistics does not need.
 
     Returns:
         DFTLossOutput with the loss, the updated u, the negative weights and metrics.
@@ -146,7 +149,7 @@ def dft_loss(
     per_example = -pos + (weights * neg).mean(dim=-1)
     loss = per_example.mean()
 
-    metrics = _metrics(pos_logps, neg_logps, u_new, weights, pos_lengths, neg_lengths)
+    metrics = _metrics(pos_logps, neg_logps, u_new, weights, pos_lengths, neg_lengths) if with_metrics else {}
     return DFTLossOutput(loss=loss, u=u_new, weights=weights, metrics=metrics)
 
 

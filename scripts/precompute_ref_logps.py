@@ -1,4 +1,5 @@
-"""Score every negative (and positive) a DFT training run will use under the reference model,
+"""Score every negative a DFT training run will use under the reference model (positives are not
+scored: the loss never reads their reference log-probs),
 once, so that training can run with dft.reference=offline instead of holding a frozen copy.
 
 Takes the training config (same --config file and key=value overrides as train_dft.py); the

@@ -122,6 +122,9 @@ class DataConfig:
     # An empty real/generated answer: error | drop (leave the row out, counted) | keep (train on it, as the
     # paper does with empty generations; the recipes that mirror the paper use keep)
     empty_answers: str = "error"
+    # Lay each micro-batch's whole groups end to end in one row, without padding (nemo_dft.data.packing);
+    # attention stays within each sequence.  Pipeline parallelism: not supported yet (padded layout).
+    packing: bool = False
 
 
 @dataclass
@@ -273,6 +276,9 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     _require(0 < cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
              f"must be > 0 and below data.max_length={cfg.data.max_length}")
     _require(cfg.data.num_epochs >= 1, "data.num_epochs", "must be >= 1")
+    _require(not (cfg.data.packing and cfg.model.pipeline_model_parallel_size > 1), "data.packing",
+             "packed rows under pipeline parallelism (model.pipeline_model_parallel_size > 1) are not supported "
+             "yet; set data.packing=false")
     _require(not check_files or Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
     if check_files and cfg.data.eval_path is not None:
         _require(Path(cfg.data.eval_path).exists(), "data.eval_path", f"{cfg.data.eval_path} does not exist")

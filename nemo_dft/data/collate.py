@@ -17,7 +17,8 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def collate_groups(
-    items: list[dict[str, Any]], pad_id: int, pad_to: int | None = None, pad_multiple: int = 8
+    items: list[dict[str, Any]], pad_id: int, pad_to: int | None = None, pad_multiple: int = 8,
+    negatives_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Pad a list of dataset groups into one batch.
 
@@ -27,13 +28,14 @@ def collate_groups(
     input lengths), ``ref_neg_logps`` [B, m] when the groups carry offline reference values, and
     ``valid`` [B] (1.0 or 0.0) when they say whether they count (held-out padding does not).
     ``pad_to`` fixes S (pipeline parallel needs one shape for every micro-batch); otherwise S is
-    the longest row rounded up to ``pad_multiple``.
+    the longest row rounded up to ``pad_multiple``.  ``negatives_only`` (the offline scoring pass,
+    whose reference scores only the negatives enter the loss): R = B * m rows, the positives left out.
     """
     sequences: list[list[int]] = []
     prompt_lengths: list[int] = []
     group_index: list[int] = []
     for g, item in enumerate(items):
-        for pair in item["pairs"]:
+        for pair in item["pairs"][1:] if negatives_only else item["pairs"]:
             sequences.append(pair.prompt + pair.response)
             prompt_lengths.append(len(pair.prompt))
             group_index.append(g)

@@ -13,6 +13,7 @@ from nemo.lightning.pytorch.plugins import MegatronDataSampler
 
 from nemo_dft.data.collate import collate_groups
 from nemo_dft.data.dataset import DFTGroupDataset
+from nemo_dft.data.packing import pack_groups
 
 
 class DFTDataSampler(MegatronDataSampler):
@@ -44,6 +45,8 @@ class DFTDataModule(pl.LightningDataModule):
         pad_id: int,
         fixed_length: bool,
         num_workers: int = 0,
+        negatives_only: bool = False,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         self.train_dataset = train
@@ -52,11 +55,17 @@ class DFTDataModule(pl.LightningDataModule):
         self.global_batch_size = global_batch_size
         width = train.settings.max_length - 1
         self.seq_length = width
-        self.collate = functools.partial(collate_groups, pad_id=pad_id, pad_to=width if fixed_length else None)
+        if packing:  # one row of whole groups end to end (nemo_dft.data.packing)
+            if fixed_length or negatives_only:
+                raise ValueError("packed micro-batches have one row of varying length (no pipeline parallelism)")
+            self.collate = functools.partial(pack_groups, pad_id=pad_id)
+        else:
+            self.collate = functools.partial(collate_groups, pad_id=pad_id, pad_to=width if fixed_length else None,
+                                             negatives_only=negatives_only)
         self.num_workers = num_workers
         self.init_global_step = 0
         self.data_sampler = DFTDataSampler(
-            group_size=1 + train.settings.num_negatives,
+            group_size=train.settings.num_negatives + (0 if negatives_only else 1),
             seq_len=width,
             micro_batch_size=micro_batch_size,
             global_batch_size=global_batch_size,

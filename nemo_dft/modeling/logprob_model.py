@@ -25,6 +25,23 @@ def logprob_data_step(dataloader_iter) -> dict[str, torch.Tensor]:
     return batch
 
 
+def packed_aware_forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``model(tokens, position_ids, mask)``; a packed batch (``data.packing``) gets its attention
+    arguments from :mod:`nemo_dft.modeling.packed_attention`."""
+    if "segment_ids" not in batch:
+        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+    from nemo_dft.modeling.packed_attention import packed_forward_kwargs, uses_transformer_engine
+
+    transformer_engine = getattr(model, "_nemo_dft_te", None)
+    if transformer_engine is None:
+        transformer_engine = uses_transformer_engine(model)
+        model._nemo_dft_te = transformer_engine
+    kwargs = packed_forward_kwargs(batch, transformer_engine)
+    if "packed_seq_params" in kwargs:  # THD: UNTESTED on CPU (no Transformer Engine there)
+        return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=kwargs["packed_seq_params"])
+    return model(batch["tokens"], batch["position_ids"], kwargs["attention_mask"])
+
+
 class LogProbGPTModel(llm.GPTModel):
     """GPT-family model whose forward step yields per-token log-probs of ``batch["labels"]``."""
 
@@ -33,11 +50,7 @@ class LogProbGPTModel(llm.GPTModel):
 
     def network_output(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits on the last pipeline stage, hidden states for the next stage elsewhere."""
-        return self(
-            input_ids=batch["tokens"],
-            position_ids=batch["position_ids"],
-            attention_mask=batch.get("attention_mask"),
-        )
+        return packed_aware_forward(self, batch)
 
     def on_last_stage(self) -> bool:
         return parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=self._vp_stage())

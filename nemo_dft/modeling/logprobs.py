@@ -39,3 +39,42 @@ def split_groups(per_row: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     """Rows laid out as [pos, neg_1..neg_m] per group -> ([B] positives, [B, m] negatives)."""
     grouped = per_row.view(-1, group_size)
     return grouped[:, 0], grouped[:, 1:]
+
+
+def negative_rows(rows: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Indices of the negative rows of a [pos, neg_1..neg_m]-per-group layout of ``rows`` rows.
+
+    The reference's log-probs enter the loss only through the negatives (d = s/tau - s_ref of each
+    negative), so the frozen reference and the offline scoring pass score these rows alone.
+    """
+    if rows % group_size:
+        raise ValueError(f"{rows} rows are not whole groups of {group_size}")
+    index = torch.arange(rows, device=device)
+    return index[index % group_size != 0]
+
+
+ROW_KEYS = ("tokens", "labels", "position_ids", "loss_mask")
+
+
+def negative_sub_batch(batch: dict[str, torch.Tensor], group_size: int,
+                       keys: tuple[str, ...] = ROW_KEYS) -> dict[str, torch.Tensor]:
+    """The rows of ``batch`` (padded layout, [R, S] tensors under ``keys``) that hold negatives:
+    B * m rows, group g's negatives at rows g*m .. g*m + m - 1."""
+    rows = negative_rows(batch["tokens"].shape[0], group_size, batch["tokens"].device)
+    sub = {k: batch[k].index_select(0, rows) for k in keys if k in batch}
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.shape[0] == batch["tokens"].shape[0]:
+        sub["attention_mask"] = mask.index_select(0, rows)
+    elif mask is not None:
+        sub["attention_mask"] = mask  # broadcast over rows
+    return sub
+
+
+def select_negatives(batch: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """The negatives of a padded (:func:`negative_sub_batch`) or packed batch (re-packed:
+    :func:`nemo_dft.data.packing.packed_negative_sub_batch`)."""
+    if "segment_ids" in batch:
+        from nemo_dft.data.packing import packed_negative_sub_batch
+
+        return packed_negative_sub_batch(batch, group_size)
+    return negative_sub_batch(batch, group_size)

@@ -2,7 +2,9 @@
 
 A forward-only pass (NeMo validation, so any TP/PP/DP layout works) over the training groups of
 every epoch, built exactly as training builds them (template, tokenization, group-wise
-truncation), with the initial weights of ``model.init_from``.  Every micro-batch is padded to
+truncation), with the initial weights of ``model.init_from``.  Only the negatives are scored: the
+loss reads the reference's log-prob of each negative (d = s/tau - s_ref) and nothing reads the
+positives', so their rows are left out of the pass.  Every micro-batch is padded to
 ``data.max_length``, so a sequence's score does not depend on which batch it lands in, and a
 resumed pass reproduces the uninterrupted one.
 """
@@ -24,7 +26,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from nemo_dft.data.dataset import DFTGroupDataset
-from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
+from nemo_dft.data.rows import negative_column
 from nemo_dft.modeling.logprob_model import LogProbGPTModel
 from nemo_dft.modeling.logprobs import sequence_logps
 from nemo_dft.platform.collectives import any_rank
@@ -149,14 +151,14 @@ class _ShardWriterCallback(Callback):
     def _write(self, scored: dict[str, torch.Tensor]) -> None:
         if self.writer is None:
             return
-        group_size = 1 + self.groups.settings.num_negatives
+        group_size = self.groups.settings.num_negatives  # negatives only
         for g, (index, epoch) in enumerate(zip(scored["example_index"].tolist(), scored["epoch"].tolist(),
                                                strict=True)):
             key = (store.encode_id(self.groups.example_ids[index]), epoch)
             if key in self.written:
                 continue  # a repeat that pads the last global batch
             self.written.add(key)
-            columns = [POSITIVE_COLUMN] + [negative_column(k) for k in self.groups.settings.negative_columns(epoch)]
+            columns = [negative_column(k) for k in self.groups.settings.negative_columns(epoch)]
             rows = scored["logp"][g * group_size:(g + 1) * group_size].tolist()
             tokens = scored["tokens"][g * group_size:(g + 1) * group_size].tolist()
             self.writer.add_group([
@@ -219,7 +221,7 @@ def score(cfg: DictConfig, output: str | Path, groups_per_shard: int, signals: l
         gpt_config = make_gpt_config(cfg, on_gpu)
         model = ScoringModel(gpt_config, tokenizer=tokenizer)
         module = DFTDataModule(data, data, micro_batch_size=micro, global_batch_size=global_batch,
-                               pad_id=tokenizer.tokenizer.pad_token_id or 0, fixed_length=True)
+                               pad_id=tokenizer.tokenizer.pad_token_id or 0, fixed_length=True, negatives_only=True)
         strategy = make_strategy(cfg, gpt_config, on_gpu)
         trainer = nl.Trainer(
             accelerator="gpu" if on_gpu else "cpu", devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,

@@ -1,7 +1,8 @@
 """The reference log-prob file: Parquet (no pickle), one row per scored sequence, fingerprinted.
 
 Rows: ``id`` (the example id, JSON-encoded so that 1 and "1" stay apart), ``epoch`` (the training
-epoch whose group was scored), ``column`` (``real`` or ``generated_k``), ``logp`` (the summed
+epoch whose group was scored), ``column`` (``generated_k``: only negatives are scored; files and
+shards written before that also hold ``real`` rows, which are read and ignored), ``logp`` (the summed
 response log-prob, fp32) and ``tokens`` (response tokens).  The scoring pass writes complete
 shards atomically into ``<output>.partial/``; a rerun skips the groups they hold, and the merge
 into ``<output>`` (also atomic) checks that every group is there exactly once.
@@ -120,7 +121,7 @@ def merge(
     rows: list[dict[str, Any]] = []
     missing = []
     for key, columns in expected:
-        group = {row["column"]: row for row in done.get(key, [])}
+        group = {row["column"]: row for row in done.get(key, []) if row["column"] in columns}
         if sorted(group) != sorted(columns):
             missing.append(key)
             continue

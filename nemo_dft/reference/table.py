@@ -7,15 +7,16 @@ from pathlib import Path
 import torch
 
 from nemo_dft.data.dataset import DFTGroupDataset
-from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
+from nemo_dft.data.rows import negative_column
 from nemo_dft.reference.store import GroupKey, check_fingerprint, encode_id, read_file
 
 
 def expected_groups(dataset: DFTGroupDataset) -> list[tuple[GroupKey, list[str]]]:
-    """Every group the training run will use, in file order, with the columns scored for it."""
+    """Every group the training run will use, in file order, with the columns scored for it: its
+    negatives (the positives' reference log-probs are never used, so they are not scored)."""
     groups = []
     for epoch in range(dataset.settings.distinct_epochs):
-        columns = [POSITIVE_COLUMN] + [negative_column(k) for k in dataset.settings.negative_columns(epoch)]
+        columns = [negative_column(k) for k in dataset.settings.negative_columns(epoch)]
         groups.extend(((encode_id(example_id), epoch), columns) for example_id in dataset.example_ids)
     return groups
 

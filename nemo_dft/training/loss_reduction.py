@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from nemo.lightning.megatron_parallel import MegatronLossReduction
 
-from nemo_dft.modeling.logprobs import sequence_logps, split_groups
+from nemo_dft.data.packing import is_packed, packed_negative_sub_batch, packed_sequence_logps
+from nemo_dft.modeling.logprobs import negative_sub_batch, sequence_logps, split_groups
 from nemo_dft.objective import dft_loss, length_average
 
 if TYPE_CHECKING:
@@ -62,39 +63,58 @@ class DFTLossReduction(MegatronLossReduction):
         self.evaluation = evaluation
 
     def group_scores(self, batch: dict[str, torch.Tensor], token_logps: torch.Tensor, key: str = "loss_mask"):
-        sums, lengths = sequence_logps(token_logps, batch[key])
+        if is_packed(batch):  # data.packing: sequences end to end in one row
+            rows = batch["lengths"].numel()
+            sums, lengths = packed_sequence_logps(token_logps, batch[key], batch["segment_ids"], rows)
+        else:
+            sums, lengths = sequence_logps(token_logps, batch[key])
         group_size = 1 + self.hparams.num_negatives
         return split_groups(sums, group_size), split_groups(lengths, group_size)
+
+    def negative_scores(self, batch: dict[str, torch.Tensor], neg_token_logps: torch.Tensor) -> torch.Tensor:
+        """[B, m] summed response log-probs from per-token log-probs of the negative rows alone."""
+        m = self.hparams.num_negatives
+        if is_packed(batch):
+            negatives = packed_negative_sub_batch(batch, 1 + m)
+            sums, _ = packed_sequence_logps(neg_token_logps, negatives["loss_mask"], negatives["segment_ids"],
+                                            batch["lengths"].numel() // (1 + m) * m)
+        else:
+            mask = negative_sub_batch(batch, 1 + m, keys=("tokens", "loss_mask"))["loss_mask"]
+            sums, _ = sequence_logps(neg_token_logps, mask)
+        return sums.view(-1, m)
 
     def forward(
         self, batch: dict[str, torch.Tensor], forward_out: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         (pos, neg), (pos_len, neg_len) = self.group_scores(batch, forward_out)
         examples = pos.shape[0]
-        stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+        # Statistics stay on the device (no host copy per micro-batch); ``reduce`` sums them once per step.
+        stats: dict[str, torch.Tensor | float] = dict.fromkeys(STAT_NAMES, 0.0)
         if self.evaluation and "valid" in batch:  # held-out padding groups count nowhere
-            counted = batch["valid"].to(pos.dtype)
+            counted = batch["valid"].to(pos.device, pos.dtype)
         else:
             counted = torch.ones_like(pos)
-        stats[1] = counted.sum()
-        stats[4], stats[5] = (pos.detach() * counted).sum(), (neg.detach().mean(dim=-1) * counted).sum()
+        stats["examples"] = counted.sum()
+        stats["pos_logps"] = (pos.detach() * counted).sum()
+        stats["neg_logps"] = (neg.detach().mean(dim=-1) * counted).sum()
         correct = (length_average(pos, pos_len).unsqueeze(-1) > length_average(neg, neg_len)).all(dim=-1)
-        stats[6] = (correct.to(counted.dtype) * counted).sum().detach()
+        stats["rank_correct"] = (correct.to(counted.dtype) * counted).sum().detach()
         rows_counted = counted.repeat_interleave(1 + self.hparams.num_negatives)
-        stats[7] = (pos_len * counted).sum() + (neg_len.sum(dim=-1) * counted).sum()
-        stats[8] = (batch["lengths"].to(counted.dtype) * rows_counted).sum()
+        stats["response_tokens"] = (pos_len * counted).sum() + (neg_len.sum(dim=-1) * counted).sum()
+        stats["tokens"] = (batch["lengths"].to(counted.device, counted.dtype) * rows_counted).sum()
         rows, width = batch["loss_mask"].shape  # computed positions, for the FLOPs count (throughput.py)
-        stats[9], stats[10] = rows * width, rows * width * width
+        stats["padded_tokens"], stats["padded_token_pairs"] = rows * width, rows * width * width
+        count = torch.full((), examples, dtype=torch.long, device=pos.device)
         if self.evaluation:
             loss_sum = (pos.sum() * 0.0).detach()
-            return loss_sum, torch.tensor(examples, device=pos.device), {"stats": stats.to(pos.device)}
+            return loss_sum, count, {"stats": _stack(stats, pos.device)}
 
         ref_neg = None
         if not self.hparams.ref_free:
             if "ref_neg_logps" in batch:  # offline: read from the precomputed file with the batch
                 ref_neg = batch["ref_neg_logps"].to(neg.dtype)
-            else:
-                (_, ref_neg), _ = self.group_scores(batch, batch["ref_token_logps"])
+            else:  # the frozen reference scored the negative rows only (B * m of them)
+                ref_neg = self.negative_scores(batch, batch["ref_neg_token_logps"])
         index = batch["example_index"]
         result = dft_loss(
             pos,
@@ -105,24 +125,36 @@ class DFTLossReduction(MegatronLossReduction):
             ref_neg_logps=ref_neg,
             pos_lengths=pos_len,
             neg_lengths=neg_len,
+            with_metrics=False,
         )
         self.u_table.update(index, result.u, group=_data_parallel_group())
         loss_sum = result.loss * examples
-        stats[0] = loss_sum.detach()
-        stats[2], stats[3] = result.u.sum(), result.weights.mean(dim=-1).sum()
+        stats["loss"] = loss_sum.detach()
+        stats["u"], stats["weight"] = result.u.sum(), result.weights.mean(dim=-1).sum()
         # megatron divides the returned loss by the returned count and the number of
         # micro-batches, so every micro-batch contributes its mean over examples.
-        return loss_sum, torch.tensor(examples, device=pos.device), {"stats": stats.to(pos.device)}
+        return loss_sum, count, {"stats": _stack(stats, pos.device)}
 
     def reduce(self, losses_reduced_per_micro_batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Global-batch means over all micro-batches and data-parallel ranks."""
+        """Global-batch means over all micro-batches and data-parallel ranks; in training also the
+        step's one exchange of u (:meth:`UTable.end_step`)."""
         if not losses_reduced_per_micro_batch:
             return {"loss": torch.tensor(0.0)}
-        totals = torch.stack([m["stats"] for m in losses_reduced_per_micro_batch]).sum(dim=0)
         group = _data_parallel_group()
+        if not self.evaluation:
+            self.u_table.end_step(group)
+        totals = torch.stack([m["stats"] for m in losses_reduced_per_micro_batch]).sum(dim=0)
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(totals, group=group)
         return summarize(totals)
+
+
+def _stack(stats: dict[str, torch.Tensor | float], device: torch.device) -> torch.Tensor:
+    """The statistics as one float64 vector on ``device`` (Python numbers are written by a fill,
+    tensors stay where they are: nothing is copied to the host)."""
+    return torch.stack([v.detach().to(torch.float64).reshape(()) if torch.is_tensor(v)
+                        else torch.full((), float(v), dtype=torch.float64, device=device)
+                        for v in (stats[name] for name in STAT_NAMES)])
 
 
 def summarize(totals: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ import torch
 from megatron.core import parallel_state
 from nemo.collections import llm
 
-from nemo_dft.modeling.logprob_model import LogProbGPTModel
-from nemo_dft.modeling.logprobs import token_logps
+from nemo_dft.modeling.logprob_model import LogProbGPTModel, packed_aware_forward
+from nemo_dft.modeling.logprobs import select_negatives, token_logps
 from nemo_dft.platform.collectives import broadcast_from_last_stage
 from nemo_dft.training.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
-from nemo_dft.training.u_table import UTable
+from nemo_dft.training.u_table import UTable, step_crosses_epoch
 
 
 class DFTModel(LogProbGPTModel):
@@ -53,7 +53,7 @@ class DFTModel(LogProbGPTModel):
         if not self.on_last_stage():
             return output  # hidden states for the next pipeline stage
         if with_reference:
-            batch["ref_token_logps"] = self.reference_token_logps(batch)
+            batch["ref_neg_token_logps"] = self.reference_token_logps(batch)
         return token_logps(output, batch["labels"], inplace=True)
 
     def training_step(self, batch, batch_idx=None) -> torch.Tensor:
@@ -87,10 +87,13 @@ class DFTModel(LogProbGPTModel):
         return self._reference[0]
 
     def reference_token_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token reference log-probs of the negative rows only ([B * m, S]): the loss never
+        reads the positives' reference scores, so the frozen reference does not compute them."""
         reference = self.reference_module()
+        negatives = select_negatives(batch, 1 + self.dft.num_negatives)
         with torch.no_grad():
-            logits = reference(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-            return token_logps(logits, batch["labels"], inplace=True)
+            logits = packed_aware_forward(reference, negatives)
+            return token_logps(logits, negatives["labels"], inplace=True)
 
     def setup_reference(self) -> None:
         """Build the frozen copy of the initial weights on this rank's shard.
@@ -134,7 +137,25 @@ class DFTModel(LogProbGPTModel):
 
     # ---- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        from megatron.core.utils import unwrap_model
+
+        self.u_table.to(next(unwrap_model(self.module).parameters()).device)  # lookups without host copies
         self.setup_reference()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Tell the u table how this step exchanges its updates (see nemo_dft.training.u_table)."""
+        self.u_table.begin_step(exchange_each_micro_batch=self._step_may_repeat_examples())
+
+    def _step_may_repeat_examples(self) -> bool:
+        """True when this step's global batch crosses an epoch boundary (or its position is unknown)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sampler = getattr(datamodule, "data_sampler", None)
+        if sampler is None or getattr(sampler, "rampup_batch_size", None) is not None:
+            return True
+        global_batch = sampler.global_batch_size
+        steps = self.trainer.global_step - sampler.init_global_step
+        first_item = sampler.init_consumed_samples + steps * global_batch
+        return step_crosses_epoch(first_item, global_batch, len(self.u_table))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _sync_u_table_across_pipeline(self.u_table)

@@ -41,16 +41,28 @@ class NonFiniteGuard:
         self.bad = False
         self.bad_examples: list[int] = []  # example indices of this rank's bad micro-batches
         self._what: list[str] = []
+        self._notes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (example index, [loss ok, u ok]) per micro-batch
 
     def note_micro_batch(self, example_index: torch.Tensor, loss: torch.Tensor, u: torch.Tensor) -> None:
-        """Called by the training reduction for each micro-batch (last pipeline stage)."""
-        what = [name for name, value in (("loss", loss), ("u", u)) if not torch.isfinite(value).all()]
-        if what:
-            self._what.extend(w for w in what if w not in self._what)
-            self.bad_examples.extend(int(i) for i in example_index.detach().cpu().tolist())
+        """Called by the training reduction for each micro-batch (last pipeline stage).  Only device
+        flags are kept here; :meth:`check` reads them once per step (no host copy per micro-batch)."""
+        finite = torch.stack([torch.isfinite(loss).all(), torch.isfinite(u).all()])
+        self._notes.append((example_index.detach(), finite))
+
+    def _read_notes(self) -> None:
+        notes, self._notes = self._notes, []
+        if not notes:
+            return
+        flags = torch.stack([finite for _, finite in notes]).cpu()  # one host copy per step
+        for (index, _), (loss_ok, u_ok) in zip(notes, flags.tolist(), strict=True):
+            what = [name for name, ok in (("loss", loss_ok), ("u", u_ok)) if not ok]
+            if what:
+                self._what.extend(w for w in what if w not in self._what)
+                self.bad_examples.extend(int(i) for i in index.cpu().tolist())
 
     def check(self, modules) -> None:
         """After backward: agree on every rank whether this step is bad."""
+        self._read_notes()
         local = bool(self._what)
         if self.check_gradients and not local:
             for module in modules:
@@ -84,3 +96,4 @@ class NonFiniteGuard:
         self.bad = False
         self.bad_examples = []
         self._what = []
+        self._notes = []

@@ -6,8 +6,10 @@ activations like the policy does.  Nesting a second pipeline schedule inside the
 deadlock (the later stages wait in their receive while the first stage starts the nested pass), so
 the reference pass runs just before the policy's schedule: this callback takes the step's
 micro-batches from the data iterator, lets megatron's forward-only schedule run the reference
-stages over them, attaches the per-token log-probs on the last stage (``batch["ref_token_logps"]``,
-the same key the single-stage path fills) and hands the same micro-batches to the policy's step.
+stages over them, attaches the per-token log-probs of the negative rows on the last stage
+(``batch["ref_neg_token_logps"]``, the same key the single-stage path fills: the positives'
+reference scores are never used, so only the B * m negative rows go through the reference) and
+hands the same micro-batches to the policy's step.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from nemo_dft.modeling.logprob_model import logprob_data_step
-from nemo_dft.modeling.logprobs import token_logps
+from nemo_dft.modeling.logprob_model import logprob_data_step, packed_aware_forward
+from nemo_dft.modeling.logprobs import select_negatives, token_logps
 
 
 def _unwrap(item: Any) -> dict[str, torch.Tensor]:
@@ -28,26 +30,28 @@ def _unwrap(item: Any) -> dict[str, torch.Tensor]:
 
 
 def score_micro_batches(reference: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
-                        last_stage: bool) -> None:
-    """Run ``reference`` (this rank's pipeline stage) over ``batches`` in megatron's forward-only
-    schedule; on the last stage put each micro-batch's per-token log-probs under ``ref_token_logps``."""
+                        last_stage: bool, group_size: int) -> None:
+    """Run ``reference`` (this rank's pipeline stage) over the negative rows of ``batches`` in
+    megatron's forward-only schedule; on the last stage put each micro-batch's per-token log-probs
+    of its negatives under ``ref_neg_token_logps``."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def forward_step(data_iterator, model) -> tuple[torch.Tensor, Callable]:
         batch = logprob_data_step(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        output = packed_aware_forward(model, batch)
 
         def collect(output_tensor: torch.Tensor):
             logps = token_logps(output_tensor, batch["labels"], inplace=True)
-            return output_tensor.new_zeros(()), {"ref_token_logps": logps}
+            return output_tensor.new_zeros(()), {"ref_neg_token_logps": logps}
 
         return output, collect
 
-    tokens = batches[0]["tokens"]
+    negatives = [select_negatives(batch, group_size) for batch in batches]
+    tokens = negatives[0]["tokens"]
     with torch.no_grad():
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(batches),
+            data_iterator=iter(negatives),
             model=[reference],
             num_microbatches=len(batches),
             seq_length=tokens.shape[1],
@@ -56,7 +60,7 @@ def score_micro_batches(reference: torch.nn.Module, batches: list[dict[str, torc
         )
     if last_stage:
         for batch, output in zip(batches, outputs, strict=True):
-            batch["ref_token_logps"] = output["ref_token_logps"]
+            batch["ref_neg_token_logps"] = output["ref_neg_token_logps"]
 
 
 class PipelinedReference(pl.Callback):
@@ -76,5 +80,6 @@ class PipelinedReference(pl.Callback):
 
         items = [next(step.data) for _ in range(get_num_microbatches())]
         model.setup_reference()
-        score_micro_batches(model.reference_module(), [_unwrap(item) for item in items], model.on_last_stage())
+        score_micro_batches(model.reference_module(), [_unwrap(item) for item in items], model.on_last_stage(),
+                            1 + model.dft.num_negatives)
         return dataclasses.replace(step, data=iter(items))

@@ -14,10 +14,10 @@ and L layers, one forward pass costs
 
 i.e. ``linear * RS + quadratic * RS^2`` summed over the micro-batches of the step.  A backward
 pass costs twice its forward.  A DFT step is one policy forward and backward over all 1 + m
-sequences of every prompt, plus one reference forward over the same sequences when the frozen
-reference is scored on the fly (dft.reference=frozen, not ref_free); an offline reference costs
-nothing in the step.  So ``step = (3 + reference) * forward``.  Padding positions are counted:
-they are computed.
+sequences of every prompt, plus one reference forward over the m negative rows of each prompt
+(the share m / (1 + m) of the rows) when the frozen reference is scored on the fly
+(dft.reference=frozen, not ref_free); an offline reference costs nothing in the step.  So
+``step = (3 + reference * m / (1 + m)) * forward``.  Padding positions are counted: they are computed.
 """
 
 from __future__ import annotations
@@ -78,9 +78,11 @@ class ModelShape:
         return linear * tokens + quadratic * token_pairs
 
 
-def step_flops(shape: ModelShape, tokens: float, token_pairs: float, reference_forward: bool) -> float:
-    """Model FLOPs of one DFT optimizer step (all ranks together); see the module docstring."""
-    return (3 + int(reference_forward)) * shape.forward_flops(tokens, token_pairs)
+def step_flops(shape: ModelShape, tokens: float, token_pairs: float, reference_forward: bool,
+               reference_share: float = 1.0) -> float:
+    """Model FLOPs of one DFT optimizer step (all ranks together); see the module docstring.
+    ``reference_share``: the share of the rows the reference scores (m / (1 + m): negatives only)."""
+    return (3 + int(reference_forward) * reference_share) * shape.forward_flops(tokens, token_pairs)
 
 
 def peak_tflops(device_name: str | None, precision: str, fp8: str | None) -> float | None:
@@ -105,9 +107,10 @@ class Throughput:
     reference_forward: bool
     world_size: int
     peak: float | None  # TFLOP/s per device
+    reference_share: float = 1.0  # rows the reference scores / rows the policy scores
 
     def measure(self, real_tokens: float, tokens: float, token_pairs: float, seconds: float) -> dict[str, float | None]:
-        flops = step_flops(self.shape, tokens, token_pairs, self.reference_forward)
+        flops = step_flops(self.shape, tokens, token_pairs, self.reference_forward, self.reference_share)
         tflops = flops / seconds / self.world_size / 1e12
         return {
             "tokens_per_s": real_tokens / seconds,
@@ -129,4 +132,5 @@ def for_run(cfg, gpt_config, vocab_size: int, on_gpu: bool) -> Throughput:
         reference_forward=not cfg.dft.ref_free and cfg.dft.reference == "frozen",
         world_size=cfg.trainer.devices * cfg.trainer.num_nodes,
         peak=peak_tflops(device, cfg.model.precision, cfg.model.fp8),
+        reference_share=cfg.dft.num_negatives / (1 + cfg.dft.num_negatives),  # negatives only
     )

@@ -152,6 +152,14 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     gbs = cfg.model.global_batch_size
     dp = data_parallel_size(cfg)
 
+    if cfg.data.packing:
+        from nemo_dft.modeling.packed_attention import resolve_window
+
+        row = cfg.model.micro_batch_size * (1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)
+        try:
+            resolve_window(gpt_config, row, transformer_engine=on_gpu)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     optim = MegatronOptimizerModule(
         config=OptimizerConfig(
             optimizer="adam",
@@ -194,6 +202,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
         global_batch_size=gbs,
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
         fixed_length=cfg.model.pipeline_model_parallel_size > 1,
+        packing=cfg.data.packing,
     )
     from nemo_dft.platform.memory import ddp_config
     from nemo_dft.training.strategy import DFTMegatronStrategy

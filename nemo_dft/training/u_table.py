@@ -1,14 +1,33 @@
 """The per-example moving estimator u, one float per training example.
 
-Every data-parallel rank trains on different examples but must see every update: after each
-micro-batch the new values are all-gathered over the data-parallel group and written on all
-ranks, so the table is identical everywhere within the same optimizer step.
+Every data-parallel rank holds the whole table and trains on different examples, but must see
+every update.  The table lives on the training device, so a micro-batch's lookup and write are
+device operations (no host synchronisation).  Updates are exchanged once per optimizer step:
+
+- u is looked up per micro-batch, from this rank's copy.  Within one step the examples of all
+  micro-batches on all ranks are distinct (consecutive items of one epoch's order), so every
+  lookup reads the value the step started with, whichever rank updated the other examples; a
+  micro-batch's new values are written into this rank's copy at once and kept in a list.
+- at the step's end (the loss reduction's ``reduce``) one all-gather over the data-parallel
+  group brings every rank's new values of the step, and each rank writes them all.
+
+The table is then identical everywhere after each step and holds exactly what the former
+per-micro-batch exchange produced.  A step whose global batch crosses an epoch boundary can hold
+the same example twice (once per epoch), where a later micro-batch must see the earlier one's
+update: for such a step (:func:`step_crosses_epoch`) the values are exchanged after every
+micro-batch, as before.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def step_crosses_epoch(first_item: int, global_batch: int, num_examples: int) -> bool:
+    """True when items ``first_item .. first_item + global_batch - 1`` (unrolled over epochs of
+    ``num_examples``) span more than one epoch, so that an example may occur twice in the step."""
+    return first_item // num_examples != (first_item + global_batch - 1) // num_examples
 
 
 class UTable:
@@ -18,29 +37,61 @@ class UTable:
         if num_examples < 1:
             raise ValueError("the u table needs at least one example")
         self.values = torch.full((num_examples,), float(u_init), dtype=torch.float32)
+        self.exchange_each_micro_batch = True  # until begin_step says otherwise (safe default)
+        self._pending: list[torch.Tensor] = []  # [2, b] (index, u) of this rank's micro-batches this step
+        self.exchanges = 0  # all-gathers done, for tests
 
     def __len__(self) -> int:
         return self.values.numel()
 
+    def to(self, device: torch.device | str) -> UTable:
+        """Keep the table on the training device (lookups and writes without host copies)."""
+        self.values = self.values.to(device)
+        return self
+
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
-        return self.values[index.cpu()].to(index.device)
+        return self.values[index.to(self.values.device, non_blocking=True)].to(index.device, non_blocking=True)
+
+    def begin_step(self, exchange_each_micro_batch: bool) -> None:
+        """Start an optimizer step: exchange per micro-batch (a step crossing an epoch boundary)
+        or once at :meth:`end_step`."""
+        self._pending = []
+        self.exchange_each_micro_batch = exchange_each_micro_batch
 
     def update(self, index: torch.Tensor, u_new: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
-        """Write ``u_new`` for ``index`` on this rank and on every rank of ``group``."""
-        index, u_new = index.detach().long(), u_new.detach().float()
-        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-            world = dist.get_world_size(group)
-            packed = torch.stack([index.to(u_new.dtype), u_new])  # indices are exact in fp32 below 2**24
-            if len(self) >= 2**24:
-                packed = packed.double()
-            gathered = [torch.empty_like(packed) for _ in range(world)]
-            dist.all_gather(gathered, packed, group=group)
-            both = torch.cat(gathered, dim=1)
-            index, u_new = both[0].long(), both[1].float()
-        self.values[index.cpu()] = u_new.cpu()
+        """Write ``u_new`` for ``index`` on this rank now; on every rank of ``group`` now (per
+        micro-batch exchange) or at :meth:`end_step`."""
+        index = index.detach().long().to(self.values.device, non_blocking=True)
+        u_new = u_new.detach().float().to(self.values.device, non_blocking=True)
+        if not _distributed(group):
+            self.values[index] = u_new
+        elif self.exchange_each_micro_batch:
+            self._exchange([self._pack(index, u_new)], group)
+        else:
+            self.values[index] = u_new
+            self._pending.append(self._pack(index, u_new))
+
+    def end_step(self, group: dist.ProcessGroup | None = None) -> None:
+        """The step's one exchange: every rank writes every rank's new values of the step."""
+        pending, self._pending = self._pending, []
+        if pending and _distributed(group):
+            self._exchange(pending, group)
+
+    def _pack(self, index: torch.Tensor, u_new: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if len(self) >= 2**24 else torch.float32  # indices exact in fp32 below 2**24
+        return torch.stack([index.to(dtype), u_new.to(dtype)])
+
+    def _exchange(self, parts: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+        # every rank of the group trains the same number of micro-batches of the same size
+        packed = torch.cat(parts, dim=1)
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, packed, group=group)
+        self.exchanges += 1
+        both = torch.cat(gathered, dim=1)
+        self.values[both[0].long()] = both[1].float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"values": self.values.clone()}
+        return {"values": self.values.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         values = state["values"]
@@ -49,3 +100,7 @@ class UTable:
                 f"the checkpoint's u table has {values.numel()} entries, the training set {len(self)}"
             )
         self.values.copy_(values)
+
+
+def _distributed(group: dist.ProcessGroup | None) -> bool:
+    return group is not None and dist.is_initialized() and dist.get_world_size(group) > 1

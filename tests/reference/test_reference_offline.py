@@ -77,7 +77,8 @@ def test_scores_match_an_hf_forward_pass(setup):
     for item in torch.randint(len(groups), (12,), generator=generator).tolist():
         group = groups.group(item)
         columns = [POSITIVE_COLUMN] + [negative_column(k) for k in settings.negative_columns(group["epoch"])]
-        for pair, column in zip(group["pairs"], columns, strict=True):
+        assert (encode_id(groups.example_ids[group["index"]]), group["epoch"], POSITIVE_COLUMN) not in scores
+        for pair, column in zip(group["pairs"][1:], columns[1:], strict=True):  # negatives only are scored
             ids = torch.tensor([pair.prompt + pair.response])
             with torch.no_grad():
                 logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
@@ -94,7 +95,7 @@ def test_parallel_layouts_score_alike(setup, layout, tmp_path):
     ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={scored}",
               "trainer.devices=2", "model.micro_batch_size=8", layout, nproc=2))
     ours, reference = read_scores(scored), read_scores(setup["tp1"])
-    assert ours.keys() == reference.keys() and len(ours) == 512 * 2 * 3
+    assert ours.keys() == reference.keys() and len(ours) == 512 * 2 * 2
     keys = sorted(reference)
     torch.testing.assert_close(torch.tensor([ours[k] for k in keys]), torch.tensor([reference[k] for k in keys]),
                                rtol=1e-5, atol=1e-5)
@@ -239,7 +240,7 @@ def test_file_missing_ids_is_refused(setup, tmp_path):
 
     table = pq.read_table(setup["tp1"])
     rows = [r for r in table.to_pylist() if not (r["id"] == json.dumps(5) and r["epoch"] == 1)]
-    assert len(rows) == table.num_rows - 3
+    assert len(rows) == table.num_rows - 2
     partial = tmp_path / "partial.parquet"
     pq.write_table(pq.read_table(setup["tp1"]).from_pylist(rows, schema=table.schema), partial)
     with pytest.raises(ValueError, match=r'2 reference log-probs this run needs are missing \(id=5 epoch=1'):
@@ -289,15 +290,15 @@ def test_tokens_column_counts_the_paper_trainers_response_tokens(setup, tmp_path
     ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"data.path={data}",
               f"output={scored}", "model.micro_batch_size=8", "data.empty_answers=keep"))
     tokens = {(r["id"], r["epoch"], r["column"]): r["tokens"] for r in pq.read_table(scored).to_pylist()}
-    assert len(tokens) == 8 * 2 * 3
+    assert len(tokens) == 8 * 2 * 2  # negatives only: no "real" rows
+    assert not any(column == "real" for _, _, column in tokens)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
     columns = ["real", *(f"generated_{k}" for k in range(4))]
     for row in rows:
         paper = dict(zip(columns, paper_trainer_row(tokenizer, row, columns, 64, 32), strict=True))
         for epoch in (0, 1):
-            for column in ["real", f"generated_{2 * epoch}", f"generated_{2 * epoch + 1}"]:
+            for column in [f"generated_{2 * epoch}", f"generated_{2 * epoch + 1}"]:
                 key = (json.dumps(row["id"]), epoch, column)
                 assert tokens[key] == len(paper[column][1]), key
     assert tokens[(json.dumps(rows[1]["id"]), 0, "generated_1")] == len(
         paper_trainer_row(tokenizer, rows[1], ["generated_1"], 64, 32)[0][1])  # short: uncut, EOS appended
-    assert tokens[(json.dumps(rows[3]["id"]), 1, "real")] == 64 - 32  # the long positive, cut in every epoch

@@ -38,6 +38,9 @@ def test_forward_flops_match_a_hand_count_of_the_tiny_model():
     assert TINY.forward_flops(n, rows * width * width) == by_hand
     assert step_flops(TINY, n, rows * width**2, reference_forward=False) == 3 * by_hand
     assert step_flops(TINY, n, rows * width**2, reference_forward=True) == 4 * by_hand
+    # the frozen reference scores the negatives only: m = 2 of every 3 rows
+    negatives_only = step_flops(TINY, n, rows * width**2, reference_forward=True, reference_share=2 / 3)
+    assert negatives_only == pytest.approx(3 * by_hand + TINY.forward_flops(n * 2 / 3, rows * 2 / 3 * width**2))
 
 
 @pytest.mark.parametrize("backward", [False, True])
