@@ -132,6 +132,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
 
     from nemo_dft.modeling.gpt_config import make_gpt_config  # imports NeMo: after the device set-up
+    from nemo_dft.modeling.lora import lora_settings
     from nemo_dft.platform.signals import parse_signals
     from nemo_dft.training import throughput
     from nemo_dft.training.experiment_loggers import ScalarsToLoggers, make_loggers
@@ -184,6 +185,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
         reference_dir=str(run_dir / "reference"),
         optim=optim,
         tokenizer=tokenizer,
+        lora=lora_settings(cfg),
     )
     from nemo_dft.data.datamodule import DFTDataModule
 
