@@ -58,7 +58,17 @@ def apply_lora(module: torch.nn.Module, settings: LoRASettings) -> int:
     wrapped = named_wrappers(module)
     for name, wrapper in wrapped:
         _seeded_lora_a(wrapper.adapter.linear_in, name, settings.seed)
+        wrapper.register_load_state_dict_pre_hook(_base_keys_under_to_wrap)
     return len(wrapped)
+
+
+def _base_keys_under_to_wrap(wrapper, state_dict, prefix, *args) -> None:
+    """A wrapper's state dict names the base layer's tensors as the unwrapped layer did (``weight``,
+    not ``to_wrap.weight``), so checkpoints keep the base model's names; loading maps them back."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if not rest.startswith(("adapter.", "to_wrap.")):
+            state_dict[f"{prefix}to_wrap.{rest}"] = state_dict.pop(key)
 
 
 @contextlib.contextmanager
