@@ -3,7 +3,8 @@
 One base checkpoint, then 3 steps of reference-based DFT from it with LoRA (adapter-free
 reference) and with full fine-tuning (the frozen copy).  Both see the same batches, so every
 reference log-prob of the LoRA run must equal the frozen copy's bit for bit (fp32) at step 0 and
-after the adapters have moved; only the adapters and their Adam state train.
+after the adapters have moved; only the adapters and their Adam state train.  A killed LoRA run
+resumes bit-exactly.
 """
 
 from __future__ import annotations
