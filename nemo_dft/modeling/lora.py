@@ -19,6 +19,7 @@ import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -214,3 +215,15 @@ def lora_settings(cfg) -> LoRASettings | None:
         return None
     return LoRASettings(dim=int(cfg.peft.dim), alpha=float(cfg.peft.alpha), dropout=float(cfg.peft.dropout),
                         target_modules=tuple(cfg.peft.target_modules), seed=int(cfg.run.seed))
+
+
+def checkpoint_has_adapters(checkpoint: str | Path) -> bool:
+    """Whether a NeMo checkpoint directory holds LoRA adapter weights (read from its metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    weights = Path(checkpoint) / "weights"
+    try:
+        keys = FileSystemReader(str(weights)).read_metadata().state_dict_metadata
+    except Exception:  # unreadable: the restore reports it
+        return False
+    return any(".adapter." in key for key in keys)

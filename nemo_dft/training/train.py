@@ -125,6 +125,12 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
 
         for change in check_rerun(run_dir / "config.yaml", cfg):
             logger.info("resumed with a changed setting: %s", change)
+    if resume_from is None and cfg.model.init_from and process_rank() == 0:
+        from nemo_dft.modeling.lora import checkpoint_has_adapters
+
+        if checkpoint_has_adapters(cfg.model.init_from):
+            logger.warning("model.init_from %s holds LoRA adapters; only its base weights are loaded%s",
+                           cfg.model.init_from, " and new adapters start from them" if cfg.peft.scheme else "")
     on_gpu = enable_device(cfg)
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl

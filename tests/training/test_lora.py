@@ -88,6 +88,9 @@ def test_only_the_adapters_train(runs):
             assert torch.equal(trained[name], value), f"{name}: a frozen base weight changed"
     moments = sorted(k for k in trained if k.startswith("optimizer.state.exp_avg."))
     assert moments and all(".adapter." in k for k in moments), moments
+    from nemo_dft.modeling.lora import checkpoint_has_adapters
+
+    assert checkpoint_has_adapters(last_checkpoint(root / "lora")) and not checkpoint_has_adapters(runs["base"])
     assert not (root / "lora" / "reference").exists()  # no saved copy of the initial weights
     assert (root / "full" / "reference").exists()
     memory = json.loads((root / "lora" / "memory.json").read_text())
