@@ -38,7 +38,9 @@ def run(command: list[str]) -> tuple[float, int]:
 
 def summary(run_dir: Path, seconds: float, peak_kib: int) -> dict:
     memory = json.loads((run_dir / "memory.json").read_text())
-    evals = {e["when"]: e["rank_acc"] for e in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines())}
+    eval_file = run_dir / "eval.jsonl"  # absent with data.eval_path=null
+    lines = eval_file.read_text().splitlines() if eval_file.exists() else []
+    evals = {e["when"]: e["rank_acc"] for e in map(json.loads, lines)}
     return {"trainable": sum(memory["trainable_parameters_per_rank"]),
             "adam_mib": sum(memory["optimizer_state_bytes_per_rank"]) / 2**20,
             "peak_rss_mib": peak_kib / 1024, "seconds": seconds,
@@ -81,7 +83,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for name, r in rows.items():
-        accuracy = f"{r['acc_before']:.2f} -> {r['acc_after']:.2f}"
+        accuracy = f"{r['acc_before']:.2f} -> {r['acc_after']:.2f}" if r["acc_after"] is not None else "-"
         print(f"{name:<24} {r['trainable']:>10,} {r['adam_mib']:>9.2f} {r['peak_rss_mib']:>13.0f} {accuracy:>14} "
               f"{r['seconds']:>6.0f}")
 
