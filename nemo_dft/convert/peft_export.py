@@ -40,10 +40,8 @@ def split_lora_b(kind: str, b: torch.Tensor, config: Any) -> list[torch.Tensor]:
         rows = b.reshape(groups, per_group + 2, head_dim, b.shape[-1])
         return [rows[:, :per_group].reshape(-1, b.shape[-1]), rows[:, per_group].reshape(-1, b.shape[-1]),
                 rows[:, per_group + 1].reshape(-1, b.shape[-1])]
-    if kind == "linear_fc1" and config.gated_linear_unit:
+    if kind == "linear_fc1":  # Mistral/Llama: SwiGLU, gate rows then up rows
         return list(b.chunk(2, dim=0))
-    if kind == "linear_fc1":
-        return [b]
     return [b]
 
 
@@ -58,8 +56,6 @@ def hf_adapter_tensors(module: torch.nn.Module, config: Any) -> tuple[dict[str, 
         number, path = name.split(".", 1)
         kind = path.rsplit(".", 1)[-1]
         block, projections = HF_PROJECTIONS[kind]
-        if kind == "linear_fc1" and not config.gated_linear_unit:
-            block, projections = "mlp", ("up_proj",)
         a = wrapper.adapter.linear_in.weight.detach().float().cpu()
         b = wrapper.adapter.linear_out.weight.detach().float().cpu()
         for projection, b_part in zip(projections, split_lora_b(kind, b, config), strict=True):
@@ -104,6 +100,8 @@ def export_adapter(
         wrappers = named_wrappers(module)
         if not wrappers:
             raise ConversionError(f"{nemo_dir}: not a LoRA checkpoint (no adapters); export it without --adapter")
+        if not model.config.gated_linear_unit:
+            raise ConversionError(f"{nemo_dir}: HF Mistral/Llama adapters need a gated MLP (SwiGLU)")
         adapter = wrappers[0][1].adapter
         tensors, targets = hf_adapter_tensors(module, model.config)
         dropout = adapter.dropout.p if adapter.dropout is not None else 0.0
