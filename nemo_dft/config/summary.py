@@ -15,6 +15,10 @@ def key_settings(cfg: DictConfig) -> list[str]:
     sizes = ", ".join(f"{k}={shape[k]}" for k in ("num_layers", "hidden_size") if k in shape)
     precision = m.precision + (f" fp8={m.fp8}/{m.fp8_recipe}" if m.fp8 else "")
     reference = "none (ref_free)" if d.ref_free else d.reference
+    if cfg.peft.scheme == "lora":
+        reference += " (adapters off)" if not d.ref_free and d.reference == "frozen" else ""
+        p = cfg.peft
+        reference += f"; peft lora dim={p.dim} alpha={p.alpha} targets={','.join(p.target_modules)}"
     return [
         f"run.dir {cfg.run.dir} (config.yaml, metrics.jsonl, checkpoints/, logs/, tensorboard/)",
         f"model {m.arch} preset={m.preset}{f' ({sizes})' if sizes else ''} init_from={m.init_from or 'random'} "

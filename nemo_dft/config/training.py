@@ -107,6 +107,21 @@ class DFTConfig:
     per_epoch_negatives: bool = True
 
 
+# The linear layers of a megatron transformer layer that LoRA can adapt (NeMo's names).
+TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class PeftConfig:
+    # null: full fine-tuning; lora: NeMo's LoRA adapters on the frozen model (nemo_dft/modeling/lora.py),
+    # and reference-based DFT scores its reference with the adapters off (no second copy)
+    scheme: str | None = None
+    dim: int = 8  # LoRA rank
+    alpha: float = 16.0  # the adapter output is scaled by alpha / dim
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+
+
 @dataclass
 class DataConfig:
     path: str = str(ASSET_DIR / "train.jsonl")
@@ -148,6 +163,7 @@ class TrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dft: DFTConfig = field(default_factory=DFTConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -316,3 +332,23 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
              f"{cfg.trainer.nonfinite!r} is not stop or skip")
     _require(cfg.trainer.accelerator in ("auto", "cpu", "gpu"), "trainer.accelerator",
              f"{cfg.trainer.accelerator!r} is not auto, cpu or gpu")
+    _validate_peft(cfg)
+
+
+def _validate_peft(cfg: DictConfig) -> None:
+    p = cfg.peft
+    _require(p.scheme in (None, "lora"), "peft.scheme", f"{p.scheme!r} is not lora or null (full fine-tuning)")
+    if p.scheme is None:
+        return
+    tp = cfg.model.tensor_model_parallel_size
+    _require(p.dim >= 1, "peft.dim", f"must be >= 1, got {p.dim}")
+    _require(p.dim % tp == 0, "peft.dim",
+             f"{p.dim} is not divisible by model.tensor_model_parallel_size={tp} (A is split over TP ranks)")
+    _require(p.alpha > 0, "peft.alpha", f"must be > 0, got {p.alpha}")
+    _require(0 <= p.dropout < 1, "peft.dropout", f"must lie in [0, 1), got {p.dropout}")
+    targets = list(p.target_modules)
+    _require(len(targets) > 0, "peft.target_modules", "is empty; name at least one of " + ", ".join(TARGET_MODULES))
+    for name in targets:
+        _require(name in TARGET_MODULES, "peft.target_modules",
+                 f"{name!r} is not one of {', '.join(TARGET_MODULES)}")
+    _require(len(set(targets)) == len(targets), "peft.target_modules", f"{targets} names a module twice")

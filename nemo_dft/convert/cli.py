@@ -23,7 +23,9 @@ Convert Mistral/Llama checkpoints between Hugging Face and NeMo 2, exactly, and 
 
   import   HF directory or Hub id  ->  NeMo 2 checkpoint directory (context/ + weights/)
   export   NeMo 2 checkpoint (any llm.GPTModel subclass, e.g. a DFT run, saved at any TP/PP)
-           ->  HF directory with tokenizer and chat template, loadable by transformers and vLLM
+           ->  HF directory with tokenizer and chat template, loadable by transformers and vLLM;
+           a LoRA run's adapters are merged into the weights, or with --adapter written as an
+           HF PEFT adapter (adapter_config.json, adapter_model.safetensors) for its base model
   verify   load an HF and a NeMo checkpoint, compare logits on a few prompts (rendered with the
            chat template) and random tokens in fp32, print the maximum absolute difference
 
@@ -35,6 +37,7 @@ examples:
   python scripts/convert_hf.py import --hf mistralai/Mistral-7B-v0.1 --revision REV --out ckpt/mistral-nemo
   python scripts/convert_hf.py export --nemo runs/dft/ckpt --out hf/dft-mistral --dtype bf16 --verify
   python scripts/convert_hf.py verify --hf hf/dft-mistral --nemo runs/dft/ckpt
+  python scripts/convert_hf.py export --nemo runs/lora/ckpt --out hf/lora-adapter --adapter --base-model hf/base
 
 exit status: 0 success, 1 verification above --atol, 2 unusable input (message names file and key)
 """
@@ -114,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     exp.add_argument(
+        "--adapter",
+        action="store_true",
+        help="LoRA runs: write the adapters in the HF PEFT layout (adapter_config.json, "
+        "adapter_model.safetensors) instead of merged full weights",
+    )
+    exp.add_argument(
+        "--base-model",
+        metavar="HF_DIR_OR_ID",
+        help="with --adapter: the base_model_name_or_path to record (the HF export of the run's model.init_from)",
+    )
+    exp.add_argument(
         "--verify", action="store_true", help="compare logits of the result with --nemo afterwards"
     )
     _add_verify_options(exp)
@@ -156,6 +170,15 @@ def run(args: argparse.Namespace) -> int:
             args.hf, args.out, arch=args.arch, overwrite=args.overwrite, revision=args.revision
         )
         return _verify(api.resolve_hf_source(args.hf, args.revision), out, args) if args.verify else 0
+    if args.command == "export" and args.adapter:
+        from nemo_dft.convert.peft_export import export_adapter
+
+        if args.verify:
+            raise ConversionError("--verify compares full HF models; verify an adapter on its base in Python "
+                                  "(nemo_dft.convert.peft_export.load_hf_with_adapter)")
+        export_adapter(args.nemo, args.out, dtype=api.parse_dtype(args.dtype), overwrite=args.overwrite,
+                       base_model=args.base_model)
+        return 0
     if args.command == "export":
         out = api.export_hf(
             args.nemo,

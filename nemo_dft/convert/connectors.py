@@ -223,6 +223,11 @@ class _ExporterFixes:
         with stage(f"loading NeMo checkpoint {self}"):
             source, trainer = self.nemo_load(str(self))
         try:
+            from nemo_dft.modeling.lora import merge_adapters
+
+            merged = merge_adapters(unwrap_module(source))  # a LoRA run: W + (alpha / dim) B A
+            if merged:
+                note(f"merged {merged} LoRA adapters into their base weights")
             weights = next(unwrap_module(source).parameters())
             note(f"NeMo weights loaded: {describe_weights(unwrap_module(source))} ({weights.dtype})")
             target = self.init(weights.dtype)  # NeMo's map asserts that it keeps dtypes; cast after

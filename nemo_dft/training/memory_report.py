@@ -47,7 +47,8 @@ class OptimizerMemoryReport(pl.Callback):
         self.path = path
 
     def on_train_end(self, trainer, pl_module) -> None:
-        mine = torch.tensor([optimizer_state_bytes(trainer.optimizers)], dtype=torch.float64)
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        mine = torch.tensor([optimizer_state_bytes(trainer.optimizers), trainable], dtype=torch.float64)
         if torch.distributed.is_initialized():
             gathered = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(gathered, mine)
@@ -55,7 +56,9 @@ class OptimizerMemoryReport(pl.Callback):
             gathered = [mine]
         if trainer.global_rank != 0:
             return
-        report = {"optimizer_state_bytes_per_rank": [int(t.item()) for t in gathered],
+        report = {"optimizer_state_bytes_per_rank": [int(t[0].item()) for t in gathered],
+                  # parameters the optimizer trains (LoRA: the adapters only), this rank's shards
+                  "trainable_parameters_per_rank": [int(t[1].item()) for t in gathered],
                   "use_distributed_optimizer": bool(getattr(trainer.strategy.ddp_config, "use_distributed_optimizer",
                                                             False))}
         write_text_atomic(self.path, json.dumps(report, indent=2) + "\n")

@@ -18,6 +18,7 @@ from nemo.collections import llm
 
 from nemo_dft.modeling.logprob_model import LogProbGPTModel, packed_aware_forward
 from nemo_dft.modeling.logprobs import select_negatives, token_logps
+from nemo_dft.modeling.lora import AdapterFreeReference, LoRASettings, apply_lora
 from nemo_dft.platform.collectives import broadcast_from_last_stage
 from nemo_dft.training.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
 from nemo_dft.training.u_table import UTable, step_crosses_epoch
@@ -36,9 +37,11 @@ class DFTModel(LogProbGPTModel):
         optim=None,
         tokenizer=None,
         model_transform=None,
+        lora: LoRASettings | None = None,
     ) -> None:
         super().__init__(config, optim=optim, tokenizer=tokenizer, model_transform=model_transform)
         self.dft = dft
+        self.lora = lora  # LoRA adapters on the frozen model; the reference is the model without them
         self.u_table = UTable(num_train_examples, u_init)
         self.reference_dir = reference_dir
         self._reference: list[torch.nn.Module] = []  # a list keeps it out of parameters() and the optimizer
@@ -48,6 +51,12 @@ class DFTModel(LogProbGPTModel):
         self.eval_results: list[dict[str, float]] = []  # filled by training.evaluation
 
     # ---- NeMo 2 extension points -------------------------------------------------------------
+    def configure_model(self, vp_stage: int | None = None) -> None:
+        fresh = not hasattr(self, "module")
+        super().configure_model(vp_stage=vp_stage)
+        if fresh and self.lora is not None:
+            apply_lora(self.module, self.lora)
+
     def forward_step(self, batch: dict[str, torch.Tensor], with_reference: bool = False) -> torch.Tensor:
         output = self.network_output(batch)
         if not self.on_last_stage():
@@ -106,6 +115,9 @@ class DFTModel(LogProbGPTModel):
         from megatron.core.utils import unwrap_model
 
         policy = unwrap_model(self.module)
+        if self.lora is not None:  # the policy itself with its adapters off: nothing to copy or save
+            self._reference.append(AdapterFreeReference(policy))
+            return
         config = copy.copy(self.config)
         config.perform_initialization = False  # weights are overwritten below; keep the RNG untouched
         reference = config.configure_model(

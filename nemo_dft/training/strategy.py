@@ -76,6 +76,8 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
         # init_from (selective restore) takes weights only; a resume also takes the generators,
         # when the checkpoint was written by the same layout.
         with_rng = not selective_restore and self._saved_layout(checkpoint_path) == list(rng_state.current_layout())
+        if selective_restore and self._has_adapters():
+            return self._load_base_weights(checkpoint_path)
         if not with_rng:
             return super().load_checkpoint(checkpoint_path, selective_restore=selective_restore)
         io = self.checkpoint_io
@@ -92,6 +94,30 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
             del io.load_checkpoint  # back to the class's method
         self._pending_rng_state = checkpoint.pop(rng_state.RNG_KEY)
         return checkpoint
+
+    def _has_adapters(self) -> bool:
+        from nemo_dft.modeling.lora import has_lora
+
+        return any(has_lora(chunk) for chunk in self.model)
+
+    def _load_base_weights(self, checkpoint_path) -> dict[str, Any]:
+        """``model.init_from`` into a LoRA model: the checkpoint has the base weights only, so the
+        adapters are left out of the load and keep their initial values."""
+        io = self.checkpoint_io
+        load = io.load_checkpoint
+
+        def load_base(path, sharded_state_dict=None, **kwargs):
+            state = sharded_state_dict["state_dict"]
+            adapters = {key: state.pop(key) for key in [k for k in state if ".adapter." in k]}
+            checkpoint = load(path, sharded_state_dict=sharded_state_dict, **kwargs)
+            checkpoint["state_dict"].update({key: entry.data for key, entry in adapters.items()})
+            return checkpoint
+
+        io.load_checkpoint = load_base
+        try:
+            return super().load_checkpoint(checkpoint_path, selective_restore=True)
+        finally:
+            del io.load_checkpoint  # back to the class's method
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         super().on_train_batch_start(batch, batch_idx)

@@ -125,6 +125,12 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
 
         for change in check_rerun(run_dir / "config.yaml", cfg):
             logger.info("resumed with a changed setting: %s", change)
+    if resume_from is None and cfg.model.init_from and process_rank() == 0:
+        from nemo_dft.modeling.lora import checkpoint_has_adapters
+
+        if checkpoint_has_adapters(cfg.model.init_from):
+            logger.warning("model.init_from %s holds LoRA adapters; only its base weights are loaded%s",
+                           cfg.model.init_from, " and new adapters start from them" if cfg.peft.scheme else "")
     on_gpu = enable_device(cfg)
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl
@@ -132,6 +138,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
 
     from nemo_dft.modeling.gpt_config import make_gpt_config  # imports NeMo: after the device set-up
+    from nemo_dft.modeling.lora import lora_settings
     from nemo_dft.platform.signals import parse_signals
     from nemo_dft.training import throughput
     from nemo_dft.training.experiment_loggers import ScalarsToLoggers, make_loggers
@@ -192,6 +199,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
         reference_dir=str(run_dir / "reference"),
         optim=optim,
         tokenizer=tokenizer,
+        lora=lora_settings(cfg),
     )
     from nemo_dft.data.datamodule import DFTDataModule
 

@@ -41,6 +41,13 @@ LAYOUTS = {
     "tp1_pp1_dp1_mb4_recompute": (1, 1, 1, 4),
     "frozen_tp1_pp1_dp1_mb4": (1, 1, 1, 4),
     "frozen_tp1_pp2_dp1_mb4": (1, 2, 1, 4),
+    # LoRA-DFT, its reference the same model with the adapters off (scored on the fly, or in the PP pass)
+    "frozen_lora_tp1_pp1_dp1_mb4": (1, 1, 1, 4),
+    "frozen_lora_tp1_pp2_dp1_mb4": (1, 2, 1, 4),
+    # LoRA under TP compared in DFT2, as the layouts above: with a reference, the loss is a small
+    # difference of terms ~75 times larger, so TP's summation order moves it by more than 1e-5
+    "lora_tp1_pp1_dp1_mb4": (1, 1, 1, 4),
+    "lora_tp2_pp1_dp1_mb4": (2, 1, 1, 4),
 }
 EXTRA = {
     "tp1_pp1_dp2_mb4_distopt": ["model.use_distributed_optimizer=true", "model.overlap_grad_reduce=true",
@@ -51,7 +58,11 @@ EXTRA = {
     "frozen_tp1_pp1_dp1_mb4": ["dft.ref_free=false", "dft.reference=frozen", "dft.tau=1.0", "dft.gamma=0.85"],
     "frozen_tp1_pp2_dp1_mb4": ["dft.ref_free=false", "dft.reference=frozen", "dft.tau=1.0", "dft.gamma=0.85"],
 }
-DFT2_LAYOUTS = [n for n in LAYOUTS if not n.startswith("frozen_")]
+LORA = ["dft.ref_free=false", "dft.reference=frozen", "dft.tau=1.0", "dft.gamma=0.85", "peft.scheme=lora",
+        "peft.dim=4"]
+EXTRA.update({name: LORA for name in LAYOUTS if name.startswith("frozen_lora_")})
+EXTRA.update({name: ["peft.scheme=lora", "peft.dim=4"] for name in LAYOUTS if name.startswith("lora_")})
+DFT2_LAYOUTS = [n for n in LAYOUTS if not n.startswith(("frozen_", "lora_"))]
 METRICS = ("loss", "pos_logps", "neg_logps", "u_mean", "weight_mean", "rank_acc", "grad_norm")
 
 
@@ -147,6 +158,18 @@ def test_frozen_reference_under_pipeline_parallelism(runs):
     assert_same_training(pp1, pp2, "frozen reference PP=2", rtol=1e-5, atol=1e-6)
     # the reference changes the objective: DFT with it is not DFT2 on the same batches
     assert [m["loss"] for m in pp1["metrics"]] != [m["loss"] for m in runs["tp1_pp1_dp1_mb4"]["metrics"]]
+
+
+@pytest.mark.parametrize("single,layout", [("lora_tp1_pp1_dp1_mb4", "lora_tp2_pp1_dp1_mb4"),
+                                           ("frozen_lora_tp1_pp1_dp1_mb4", "frozen_lora_tp1_pp2_dp1_mb4")])
+def test_lora_layout_matches_single_process(runs, single, layout):
+    """LoRA at TP = 2 (A and B split over the ranks) and PP = 2 (the adapter-free reference in its own
+    pipeline pass) train the adapters like one process; the base weights stay those of the checkpoint."""
+    single = runs[single]
+    assert_same_training(single, runs[layout], layout, rtol=1e-5, atol=1e-6)
+    adapters = [k for k in single["params"] if ".adapter." in k]
+    assert adapters and all(torch.equal(v, runs["init"]["params"][k]) for k, v in single["params"].items()
+                            if k not in adapters)
 
 
 def test_training_moved_the_parameters(runs):

@@ -1,0 +1,91 @@
+"""Export of a LoRA-DFT run (trained at TP=2, so the fused adapters are resharded on load): merged
+full weights, and an HF PEFT adapter that ``peft`` applies to the exported base; both give the NeMo
+model's logits within 1e-5."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_child, script_command, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["trainer.progress_bar=false", "model.global_batch_size=8", "data.eval_path=null", "data.num_epochs=1",
+          "log.tensorboard=false"]
+
+
+def train(run_dir: Path, nproc: int, *overrides: str) -> Path:
+    result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides, nproc=nproc))
+    assert result.returncode == 0, result.stderr[-6000:]
+    [last] = sorted((run_dir / "checkpoints").glob("*-last"))
+    return last
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from nemo_dft.convert import export_hf
+
+    root = tmp_path_factory.mktemp("lora_export")
+    base = train(root / "base", 1, "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
+    lora = train(root / "lora", 2, "trainer.max_steps=2", f"model.init_from={base}", "trainer.devices=2",
+                 "model.tensor_model_parallel_size=2", "peft.scheme=lora", "peft.dim=4", "peft.alpha=8",
+                 "optim.lr=5e-2", "optim.min_lr=5e-2", "optim.warmup_ratio=0")
+    hf_base = export_hf(base, root / "hf_base")
+    adapter = root / "adapter"
+    command = script_command("scripts/convert_hf.py", "export", "--nemo", str(lora), "--out", str(adapter),
+                             "--adapter", "--base-model", str(hf_base))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=subprocess_env())
+    assert result.returncode == 0, result.stderr[-6000:]
+    return {"base": base, "lora": lora, "hf_base": hf_base, "adapter": adapter,
+            "hf_merged": export_hf(lora, root / "hf_merged")}
+
+
+def nemo_comparison(hf_model, nemo_dir: Path, tokenizer_dir: Path):
+    from nemo.lightning import teardown
+    from transformers import AutoTokenizer
+
+    from nemo_dft.convert.load import load_nemo_model
+    from nemo_dft.convert.logits import compare_logits, verification_inputs
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    inputs = verification_inputs(tokenizer, hf_model.config.vocab_size, random=2, seed=3)
+    model, trainer = load_nemo_model(nemo_dir)
+    try:
+        return compare_logits(hf_model, model, inputs)
+    finally:
+        teardown(trainer, model)
+
+
+def test_peft_adapter_on_the_exported_base_gives_the_nemo_logits(exported):
+    from nemo_dft.convert.logits import load_hf_model
+    from nemo_dft.convert.peft_export import load_hf_with_adapter
+
+    config = json.loads((exported["adapter"] / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert config["base_model_name_or_path"] == str(exported["hf_base"])
+    with_adapter = nemo_comparison(load_hf_with_adapter(exported["hf_base"], exported["adapter"]),
+                                   exported["lora"], exported["hf_base"])
+    assert with_adapter.max_abs_diff < 1e-5, with_adapter.summary()
+    # the adapters matter: the base alone is far from the LoRA model
+    without = nemo_comparison(load_hf_model(exported["hf_base"]), exported["lora"], exported["hf_base"])
+    assert without.max_abs_diff > 1e-3, without.summary()
+
+
+def test_merged_export_gives_the_nemo_logits(exported):
+    from nemo_dft.convert import verify
+
+    comparison = verify(exported["hf_merged"], exported["lora"])
+    assert comparison.max_abs_diff < 1e-5, comparison.summary()
+
+
+def test_adapter_export_of_a_full_fine_tuning_checkpoint_is_refused(exported, tmp_path):
+    command = script_command("scripts/convert_hf.py", "export", "--nemo", str(exported["base"]), "--out",
+                             str(tmp_path / "none"), "--adapter")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=subprocess_env())
+    assert result.returncode == 2 and "not a LoRA checkpoint" in result.stderr, result.stderr[-3000:]

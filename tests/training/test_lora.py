@@ -1,0 +1,140 @@
+"""LoRA-DFT: the reference is the base checkpoint, scored by the policy with its adapters off.
+
+One base checkpoint, then 3 steps of reference-based DFT from it with LoRA (adapter-free
+reference) and with full fine-tuning (the frozen copy).  Both see the same batches, so every
+reference log-prob of the LoRA run must equal the frozen copy's bit for bit (fp32) at step 0 and
+after the adapters have moved; only the adapters and their Adam state train.  A killed LoRA run
+resumes bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_child, script_command
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["trainer.progress_bar=false", "data.num_epochs=1", "data.eval_path=null", "model.global_batch_size=8",
+          "optim.warmup_ratio=0", "dft.reference=frozen", "log.tensorboard=false"]
+LORA = ["peft.scheme=lora", "peft.dim=4", "peft.alpha=8", "optim.lr=3e-2", "optim.min_lr=3e-2"]
+
+
+def launch(run_dir: Path, *overrides: str) -> None:
+    result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides))
+    assert result.returncode == 0, f"{run_dir.name}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def recorded_run(run_dir: Path, *overrides: str) -> list[dict]:
+    output = run_dir.with_suffix(".pt")
+    command = [sys.executable, "tests/training/workers/record_reference.py", str(output), f"run.dir={run_dir}",
+               *COMMON, *overrides]
+    result = run_child(command)
+    assert result.returncode == 0, f"{run_dir.name}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return torch.load(output, weights_only=False)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    [last] = sorted((run_dir / "checkpoints").glob("*-last"))
+    return last
+
+
+def full_state(weights: Path, out: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(weights), str(out))
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    launch(root / "base", "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
+    base = last_checkpoint(root / "base")
+    steps = ["trainer.max_steps=3", f"model.init_from={base}"]
+    return {
+        "root": root,
+        "base": base,
+        "lora": recorded_run(root / "lora", *steps, *LORA),
+        "full": recorded_run(root / "full", *steps),
+    }
+
+
+def test_reference_is_the_base_checkpoint_exactly(runs):
+    lora, full = runs["lora"], runs["full"]
+    assert [r["step"] for r in lora] == [r["step"] for r in full] and {r["step"] for r in lora} == {0, 1, 2}
+    for ours, copy in zip(lora, full, strict=True):
+        assert torch.equal(ours["index"], copy["index"])
+        assert ours["logps"].dtype == torch.float32
+        assert torch.equal(ours["logps"], copy["logps"]), f"step {ours['step']}: reference log-probs differ"
+
+
+def test_only_the_adapters_train(runs):
+    root = runs["root"]
+    base = full_state(runs["base"] / "weights", root / "base_state.pt")
+    trained = full_state(last_checkpoint(root / "lora") / "weights", root / "lora_state.pt")
+    adapters = sorted(k for k in trained if ".adapter." in k and k.startswith("module.") and k.endswith(".weight"))
+    assert len(adapters) == 4 * 2  # A and B of qkv, proj, fc1, fc2 (stacked over the 2 layers)
+    for name in adapters:  # B starts at zero: a B that moved proves the reference had something to switch off
+        if name.endswith("linear_out.weight"):
+            assert trained[name].shape[0] == 2 and (trained[name].flatten(1).abs().amax(1) > 0).all(), name
+    for name, value in base.items():
+        if name.startswith("module.") and torch.is_tensor(value):
+            assert torch.equal(trained[name], value), f"{name}: a frozen base weight changed"
+    moments = sorted(k for k in trained if k.startswith("optimizer.state.exp_avg."))
+    assert moments and all(".adapter." in k for k in moments), moments
+    from nemo_dft.modeling.lora import checkpoint_has_adapters
+
+    assert checkpoint_has_adapters(last_checkpoint(root / "lora")) and not checkpoint_has_adapters(runs["base"])
+    assert not (root / "lora" / "reference").exists()  # no saved copy of the initial weights
+    assert (root / "full" / "reference").exists()
+    memory = json.loads((root / "lora" / "memory.json").read_text())
+    full_memory = json.loads((root / "full" / "memory.json").read_text())
+    assert memory["optimizer_state_bytes_per_rank"][0] < full_memory["optimizer_state_bytes_per_rank"][0] / 5
+
+
+def test_killed_lora_run_resumes_bit_exactly(tmp_path):
+    """SIGKILL after the first checkpoint, rerun: same metrics, u table, adapters and Adam state as an
+    uninterrupted run (adapter dropout and model dropout on, so the generators must be restored too)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import REPO, subprocess_env
+    from tests.training.test_resume import ARGS, assert_same_run, complete_last_checkpoints, metrics
+
+    extra = ["peft.scheme=lora", "peft.dropout=0.1", "dft.reference=frozen", "log.tensorboard=false"]
+
+    def command(run_dir: Path) -> list[str]:
+        return [sys.executable, "scripts/train_dft.py", f"run.dir={run_dir}", *ARGS, *extra]
+
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_child(command(uninterrupted)).returncode == 0
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(command(run_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=subprocess_env())
+    deadline = time.time() + 600
+    while not ((run_dir / "checkpoints").exists() and complete_last_checkpoints(run_dir)):
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(metrics(run_dir)) < 10, "the kill came too late to test a resume"
+    result = run_child(command(run_dir))
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert_same_run(run_dir, uninterrupted)
+    [ours] = complete_last_checkpoints(run_dir)
+    [theirs] = complete_last_checkpoints(uninterrupted)
+    resumed = full_state(ours / "weights", tmp_path / "resumed.pt")
+    reference = full_state(theirs / "weights", tmp_path / "reference.pt")
+    trained = [k for k in reference if ".adapter." in k and k.endswith(".weight")]
+    assert trained and any(k.startswith("optimizer.state.exp_avg.") for k in trained)
+    for key in trained:
+        assert torch.equal(resumed[key], reference[key]), key
