@@ -1,5 +1,5 @@
 """DFT as a NeMo 2 ``MegatronLossReduction``: the bridge from Megatron micro-batches to
-:func:`nemo_dft.objective.dft_loss`.
+:func:`nemo_dft.objective.dft_loss` (or :func:`~nemo_dft.objective.sft_loss`, the baseline).
 
 Runs on the last pipeline stage.  ``forward`` sees one micro-batch: per-token log-probs of its
 R = B (1 + m) rows, reduces them to sequence scores, evaluates the objective and updates u;
@@ -17,14 +17,14 @@ import torch.distributed as dist
 from nemo.lightning.megatron_parallel import MegatronLossReduction
 
 from nemo_dft.modeling.logprobs import sequence_logps, split_groups
-from nemo_dft.objective import dft_loss, length_average
+from nemo_dft.objective import dft_loss, length_average, sft_loss
 
 if TYPE_CHECKING:
     from nemo_dft.training.u_table import UTable
 
 # Sums carried per micro-batch; means are taken over the global batch in ``reduce``.
 STAT_NAMES = ("loss", "examples", "u", "weight", "pos_logps", "neg_logps", "rank_correct", "response_tokens", "tokens",
-              "padded_tokens", "padded_token_pairs")
+              "padded_tokens", "padded_token_pairs", "loss_count")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class DFTHyperParameters:
     num_negatives: int
     ref_free: bool
     reference: str = "frozen"  # where reference log-probs come from: frozen (scored each step) | offline (file)
+    objective: str = "dft"  # dft | dft2 | sft (ref_free then true: no reference either)
 
     @property
     def scores_reference_on_the_fly(self) -> bool:
@@ -77,17 +78,23 @@ class DFTLossReduction(MegatronLossReduction):
         else:
             counted = torch.ones_like(pos)
         stats[1] = counted.sum()
-        stats[4], stats[5] = (pos.detach() * counted).sum(), (neg.detach().mean(dim=-1) * counted).sum()
+        has_negatives = neg.shape[-1] > 0  # SFT may run without negatives (dft.num_negatives=0)
+        stats[4] = (pos.detach() * counted).sum()
+        stats[5] = (neg.detach().mean(dim=-1) * counted).sum() if has_negatives else 0.0
         correct = (length_average(pos, pos_len).unsqueeze(-1) > length_average(neg, neg_len)).all(dim=-1)
+        correct = correct & has_negatives
         stats[6] = (correct.to(counted.dtype) * counted).sum().detach()
         rows_counted = counted.repeat_interleave(1 + self.hparams.num_negatives)
         stats[7] = (pos_len * counted).sum() + (neg_len.sum(dim=-1) * counted).sum()
         stats[8] = (batch["lengths"].to(counted.dtype) * rows_counted).sum()
         rows, width = batch["loss_mask"].shape  # computed positions, for the FLOPs count (throughput.py)
         stats[9], stats[10] = rows * width, rows * width * width
+        stats[11] = stats[1]  # the loss is a mean over prompts (SFT: over positive tokens, below)
         if self.evaluation:
             loss_sum = (pos.sum() * 0.0).detach()
             return loss_sum, torch.tensor(examples, device=pos.device), {"stats": stats.to(pos.device)}
+        if self.hparams.objective == "sft":
+            return self._sft_forward(pos, pos_len, stats)
 
         ref_neg = None
         if not self.hparams.ref_free:
@@ -114,6 +121,16 @@ class DFTLossReduction(MegatronLossReduction):
         # micro-batches, so every micro-batch contributes its mean over examples.
         return loss_sum, torch.tensor(examples, device=pos.device), {"stats": stats.to(pos.device)}
 
+    def _sft_forward(self, pos: torch.Tensor, pos_len: torch.Tensor, stats: torch.Tensor):
+        """The SFT baseline: the summed NLL and the number of positive tokens.  The model config
+        sets ``calculate_per_token_loss`` for SFT, so megatron sums these over micro-batches and
+        data-parallel ranks and divides the gradients by the global token count: every layout of a
+        global batch takes the same token mean."""
+        result = sft_loss(pos, pos_len)
+        tokens = result.tokens.round().to(torch.int64)
+        stats[0], stats[11] = result.nll_sum.detach(), tokens
+        return result.nll_sum, tokens.to(pos.device), {"stats": stats.to(pos.device)}
+
     def reduce(self, losses_reduced_per_micro_batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Global-batch means over all micro-batches and data-parallel ranks."""
         if not losses_reduced_per_micro_batch:
@@ -130,7 +147,7 @@ def summarize(totals: torch.Tensor) -> dict[str, torch.Tensor]:
     stats = dict(zip(STAT_NAMES, totals, strict=True))
     n = stats["examples"].clamp(min=1)
     return {
-        "loss": (stats["loss"] / n).float(),
+        "loss": (stats["loss"] / stats["loss_count"].clamp(min=1)).float(),
         "u_mean": (stats["u"] / n).float(),
         "weight_mean": (stats["weight"] / n).float(),
         "pos_logps": (stats["pos_logps"] / n).float(),

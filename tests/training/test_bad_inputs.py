@@ -60,6 +60,9 @@ CASES = {
     "invalid_json": (bad_json, ["data.path", "bad.jsonl:5", "column", "invalid JSON"]),
     "nonfinite_mode": (["trainer.nonfinite=ignore"], ["trainer.nonfinite"]),
     "eval_interval_0": (["trainer.val_check_interval=0"], ["trainer.val_check_interval"]),
+    "objective_contradicts_ref_free": (["dft.objective=dft", "dft.ref_free=true"], ["dft.objective", "dft.ref_free"]),
+    "objective_unknown": (["dft.objective=ppo"], ["dft.objective", "sft"]),
+    "no_negatives_for_dft2": (["dft.objective=dft2", "dft.num_negatives=0"], ["dft.num_negatives", "sft"]),
 }
 
 
