@@ -11,6 +11,10 @@ trainer.  Notation follows ``shared/reference/dft-algorithm.md``:
     weight = stopgrad(exp(d_ij - u_i))               (uses the *updated* u_i)
     loss_i = -pos_i + mean_j(weight_ij * neg_ij)
     loss   = mean_i loss_i
+
+The SFT baseline (``sft_loss``) is the token-mean negative log-likelihood of the positives:
+
+    loss   = -sum_i s(y_i) / sum_i |y_i|             (|y_i|: response tokens of the positive)
 """
 
 from __future__ import annotations
@@ -173,3 +177,32 @@ def _metrics(
                 length_average(pos_logps, pos_lengths), length_average(neg_logps, neg_lengths)
             ).item()
     return metrics
+
+
+@dataclass(frozen=True)
+class SFTLossOutput:
+    """The SFT baseline for a batch: the token mean, and its numerator and denominator, which a
+    trainer sums over micro-batches and ranks to take the mean over a whole global batch."""
+
+    loss: torch.Tensor
+    """Scalar: negative log-likelihood per positive response token."""
+    nll_sum: torch.Tensor
+    """Scalar: summed negative log-likelihood of the positives (carries the gradient)."""
+    tokens: torch.Tensor
+    """Scalar: number of positive response tokens."""
+
+
+def sft_loss(pos_logps: torch.Tensor, pos_lengths: torch.Tensor) -> SFTLossOutput:
+    """Token-mean NLL of the positives, -sum_i s(y_i) / sum_i |y_i|: every response token of the
+    batch weighs the same, whatever answer it belongs to (the SFT baseline; negatives unused).
+
+    Args:
+        pos_logps: [B] summed response log-probs of the positives under the policy.
+        pos_lengths: [B] their response token counts.
+    """
+    if pos_logps.dim() != 1 or tuple(pos_lengths.shape) != tuple(pos_logps.shape):
+        raise ValueError(f"pos_logps and pos_lengths must both have shape [B], got "
+                         f"{tuple(pos_logps.shape)} and {tuple(pos_lengths.shape)}")
+    nll_sum = -pos_logps.to(torch.promote_types(pos_logps.dtype, torch.float32)).sum()
+    tokens = pos_lengths.sum()
+    return SFTLossOutput(loss=nll_sum / tokens.clamp(min=1).to(nll_sum.dtype), nll_sum=nll_sum, tokens=tokens)

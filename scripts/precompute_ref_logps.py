@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_structured(TrainConfig, args.config, overrides)
         # The pass only needs the data, model and layout keys: no reference to load, and one
         # micro-batch per data-parallel rank per step.
-        cfg.dft.ref_free = True
+        cfg.dft.ref_free, cfg.dft.objective = True, "dft2"  # the objective does not matter to the pass
         cfg.model.global_batch_size = cfg.model.micro_batch_size * max(data_parallel_size(cfg), 1)
         validate(cfg)
         if not cfg.model.init_from:

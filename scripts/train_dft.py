@@ -21,6 +21,8 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   tokenizer.path                           HF tokenizer directory
   tokenizer.chat_template                  null (the tokenizer's own) | zephyr | alpaca | a Jinja template
   optim.lr, optim.min_lr, optim.warmup_ratio, optim.weight_decay, optim.clip_grad
+  dft.objective                            dft (default) | dft2 (= dft.ref_free=true) | sft (the baseline:
+                                           token-mean NLL of the positives; dft.num_negatives=0: no negatives needed)
   dft.num_negatives, dft.tau, dft.gamma, dft.u_init, dft.ref_free, dft.per_epoch_negatives
   dft.reference, dft.ref_logps             frozen (on the fly) | offline (file from precompute_ref_logps.py)
   data.path, data.eval_path, data.num_epochs, data.max_length, data.max_prompt_length

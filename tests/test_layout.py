@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nemo_dft"
 FOUNDATION = {"data", "config", "platform", "demo", "objective"}
 # What training and scoring both build from a config.
 MODELING = {"modeling"}
-STAGES = {"generation", "reference", "training", "convert"}
+STAGES = {"generation", "reference", "training", "convert", "evaluation"}
 TOP_LEVEL_ALLOWED = {"__init__.py", "objective.py"}
 
 

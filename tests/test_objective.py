@@ -143,3 +143,49 @@ def test_rejects_disagreeing_shapes():
         dft_loss(pos, neg, u, tau=1.0, gamma=0.9)
     with pytest.raises(ValueError, match="neg_lengths"):
         dft_loss(pos, neg, u, tau=1.0, gamma=0.9, pos_lengths=pos_len, neg_lengths=neg_len[:, :1])
+
+
+# ---- the SFT baseline ---------------------------------------------------------------------------
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def test_sft_loss_and_gradient_match_token_mean_cross_entropy():
+    """sft_loss on summed sequence log-probs = torch's cross-entropy averaged over every response
+    token of the batch (an independent computation), in value and in gradient."""
+    from nemo_dft.objective import sft_loss
+
+    torch.manual_seed(7)
+    batch, width, vocab = 5, 9, 13
+    logits = torch.randn(batch, width, vocab, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(vocab, (batch, width))
+    mask = torch.zeros(batch, width, dtype=torch.bool)
+    for i, (start, end) in enumerate([(2, 9), (5, 6), (1, 4), (3, 9), (0, 2)]):  # unequal lengths
+        mask[i, start:end] = True
+    token = _token_logps(logits, labels) * mask
+    ours = sft_loss(token.sum(-1), mask.sum(-1))
+    (grad,) = torch.autograd.grad(ours.loss, logits)
+
+    logits_ref = logits.detach().clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(logits_ref[mask], labels[mask], reduction="mean")
+    expected.backward()
+    torch.testing.assert_close(ours.loss, expected)
+    torch.testing.assert_close(grad, logits_ref.grad)
+    assert int(ours.tokens) == int(mask.sum())
+    torch.testing.assert_close(ours.nll_sum, expected * mask.sum())
+
+
+def test_sft_micro_batches_sum_to_the_global_token_mean():
+    """What the trainer relies on: summing nll_sum and tokens over micro-batches gives the loss of
+    the whole batch; the mean of per-micro-batch means does not (unequal token counts)."""
+    from nemo_dft.objective import sft_loss
+
+    torch.manual_seed(3)
+    pos = -torch.rand(8, dtype=torch.float64) * 20
+    lengths = torch.tensor([3, 17, 5, 2, 9, 30, 4, 1])
+    whole = sft_loss(pos, lengths).loss
+    parts = [sft_loss(pos[i:i + 2], lengths[i:i + 2]) for i in range(0, 8, 2)]
+    summed = sum(p.nll_sum for p in parts) / sum(p.tokens for p in parts)
+    torch.testing.assert_close(summed, whole)
+    naive = torch.stack([p.loss for p in parts]).mean()
+    assert not torch.isclose(naive, whole, rtol=1e-3)

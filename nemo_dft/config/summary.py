@@ -15,10 +15,13 @@ def key_settings(cfg: DictConfig) -> list[str]:
     sizes = ", ".join(f"{k}={shape[k]}" for k in ("num_layers", "hidden_size") if k in shape)
     precision = m.precision + (f" fp8={m.fp8}/{m.fp8_recipe}" if m.fp8 else "")
     reference = "none (ref_free)" if d.ref_free else d.reference
+    peft = ""
     if cfg.peft.scheme == "lora":
         reference += " (adapters off)" if not d.ref_free and d.reference == "frozen" else ""
         p = cfg.peft
-        reference += f"; peft lora dim={p.dim} alpha={p.alpha} targets={','.join(p.target_modules)}"
+        peft = f"; peft lora dim={p.dim} alpha={p.alpha} targets={','.join(p.target_modules)}"
+    objective = ("sft (negatives scored for metrics only)" if d.objective == "sft" else
+                 f"{d.objective} tau={d.tau} gamma={d.gamma} reference={reference}") + peft
     return [
         f"run.dir {cfg.run.dir} (config.yaml, metrics.jsonl, checkpoints/, logs/, tensorboard/)",
         f"model {m.arch} preset={m.preset}{f' ({sizes})' if sizes else ''} init_from={m.init_from or 'random'} "
@@ -26,6 +29,6 @@ def key_settings(cfg: DictConfig) -> list[str]:
         f"PP={m.pipeline_model_parallel_size} DP={data_parallel_size(cfg)}",
         f"data {cfg.data.path}, {cfg.data.num_epochs} epochs, {d.num_negatives} negatives per prompt; "
         f"global batch {m.global_batch_size} prompts (micro {m.micro_batch_size}), max_length {cfg.data.max_length}",
-        f"dft tau={d.tau} gamma={d.gamma} reference={reference}; optim lr={o.lr} min_lr={o.min_lr} "
+        f"objective {objective}; optim lr={o.lr} min_lr={o.min_lr} "
         f"warmup_ratio={o.warmup_ratio} clip_grad={o.clip_grad}",
     ]

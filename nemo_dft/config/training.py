@@ -97,11 +97,14 @@ class OptimConfig:
 
 @dataclass
 class DFTConfig:
-    num_negatives: int = 2
+    # dft (reference-based) | dft2 (reference-free) | sft (token-mean NLL of the positives, the
+    # baseline); null: dft, or dft2 with ref_free=true.  Resolved in place by resolve_objective().
+    objective: str | None = None
+    num_negatives: int = 2  # m; 0 only under sft (data then needs no generated_k columns)
     tau: float = 1.0
     gamma: float = 0.85
     u_init: float = 0.0
-    ref_free: bool = False
+    ref_free: bool = False  # true: no reference model (DFT2, or SFT); set from dft.objective when resolved
     reference: str = "frozen"  # frozen (on the fly) | offline (dft.ref_logps file)
     ref_logps: str | None = None  # file written by scripts/precompute_ref_logps.py
     per_epoch_negatives: bool = True
@@ -235,10 +238,28 @@ def _check_tokenizer(cfg: DictConfig) -> None:
         raise ConfigError(f"{err}{where}") from err
 
 
+OBJECTIVES = ("dft", "dft2", "sft")
+
+
+def resolve_objective(cfg: DictConfig) -> None:
+    """Settle ``dft.objective`` and ``dft.ref_free`` together, in place: null follows ``ref_free``
+    (the older key: true selects DFT2); after resolution ``ref_free`` is true exactly when no
+    reference model is used (dft2, sft).  ``objective=dft`` with ``ref_free=true`` is a contradiction."""
+    d = cfg.dft
+    if d.objective is None:
+        d.objective = "dft2" if d.ref_free else "dft"
+    _require(d.objective in OBJECTIVES, "dft.objective", f"{d.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    _require(not (d.objective == "dft" and d.ref_free), "dft.objective",
+             "dft (reference-based) contradicts dft.ref_free=true; use dft.objective=dft2 (or sft), "
+             "or dft.ref_free=false")
+    d.ref_free = d.objective != "dft"
+
+
 def validate(cfg: DictConfig, check_files: bool = True) -> None:
-    """Reject impossible settings before anything is built."""
+    """Reject impossible settings before anything is built (``dft.objective`` is resolved first)."""
     from nemo_dft.objective import validate_hyperparameters
 
+    resolve_objective(cfg)
     try:
         validate_hyperparameters(cfg.dft.tau, cfg.dft.gamma)
     except ValueError as err:
@@ -279,7 +300,11 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
             per_stage = layers // m.pipeline_model_parallel_size
             _require(m.recompute_num_layers <= per_stage, "model.recompute_num_layers",
                      f"{m.recompute_num_layers} exceeds the {per_stage} layers of a pipeline stage")
-    _require(cfg.dft.num_negatives >= 1, "dft.num_negatives", "must be >= 1")
+    if cfg.dft.objective == "sft":
+        _require(cfg.dft.num_negatives >= 0, "dft.num_negatives", "must be >= 0")
+    else:
+        _require(cfg.dft.num_negatives >= 1, "dft.num_negatives",
+                 f"must be >= 1 for dft.objective={cfg.dft.objective} (0 is for sft only)")
     _require(cfg.dft.reference in ("frozen", "offline"), "dft.reference",
              f"unknown mode {cfg.dft.reference!r}; use 'frozen' or 'offline'")
     if not cfg.dft.ref_free and cfg.dft.reference == "offline":

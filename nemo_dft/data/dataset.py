@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 class GroupSettings:
     """How rows become groups of token sequences."""
 
-    num_negatives: int
+    num_negatives: int  # m; 0 (SFT only): groups of the positive alone
     max_length: int
     max_prompt_length: int
     num_epochs: int = 1
@@ -40,8 +40,8 @@ class GroupSettings:
     allow_empty_answers: bool = False  # data.empty_answers=keep: train on empty answers (the paper keeps them)
 
     def __post_init__(self) -> None:
-        if self.num_negatives < 1:
-            raise ValueError(f"dft.num_negatives must be >= 1, got {self.num_negatives}")
+        if self.num_negatives < 0:
+            raise ValueError(f"dft.num_negatives must be >= 0, got {self.num_negatives}")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be > 0 and below "

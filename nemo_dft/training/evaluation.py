@@ -26,6 +26,7 @@ from tqdm import tqdm
 from nemo_dft.data.dataset import DFTGroupDataset
 from nemo_dft.data.io import write_text_atomic
 from nemo_dft.platform.collectives import any_rank, broadcast_from_last_stage
+from nemo_dft.training.metrics import without_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +159,16 @@ class HeldOutEvaluation(pl.Callback):
             "pos_logps": float(summary["pos_logps"]), "neg_logps": float(summary["neg_logps"]),
             "response_tokens": int(summary["response_tokens"]),
         })
+        if without_negatives(pl_module):  # SFT with dft.num_negatives=0: nothing to rank
+            record.update(rank_acc=None, rank_correct=None, neg_logps=None)
         pl_module.eval_results.append(record)
         if trainer.global_rank == 0:
             self.records.append(record)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            logger.info("held-out %s (step %d): rank_acc %.4f over %d prompts",
-                        when, record["step"], record["rank_acc"], record["examples"])
+            logger.info("held-out %s (step %d): rank_acc %s over %d prompts", when, record["step"],
+                        "n/a" if record["rank_acc"] is None else f"{record['rank_acc']:.4f}", record["examples"])
         return record
 
     def _batch(self, micro_batch: list[tuple[int, bool]]) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """DFT as a NeMo 2 ``MegatronLossReduction``: the bridge from Megatron micro-batches to
-:func:`nemo_dft.objective.dft_loss`.
+:func:`nemo_dft.objective.dft_loss` (or :func:`~nemo_dft.objective.sft_loss`, the baseline).
 
 Runs on the last pipeline stage.  ``forward`` sees one micro-batch: per-token log-probs of its
 R = B (1 + m) rows, reduces them to sequence scores, evaluates the objective and updates u;
@@ -18,14 +18,14 @@ from nemo.lightning.megatron_parallel import MegatronLossReduction
 
 from nemo_dft.data.packing import is_packed, packed_negative_sub_batch, packed_sequence_logps
 from nemo_dft.modeling.logprobs import negative_sub_batch, sequence_logps, split_groups
-from nemo_dft.objective import dft_loss, length_average
+from nemo_dft.objective import dft_loss, length_average, sft_loss
 
 if TYPE_CHECKING:
     from nemo_dft.training.u_table import UTable
 
 # Sums carried per micro-batch; means are taken over the global batch in ``reduce``.
 STAT_NAMES = ("loss", "examples", "u", "weight", "pos_logps", "neg_logps", "rank_correct", "response_tokens", "tokens",
-              "padded_tokens", "padded_token_pairs")
+              "padded_tokens", "padded_token_pairs", "loss_count")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class DFTHyperParameters:
     num_negatives: int
     ref_free: bool
     reference: str = "frozen"  # where reference log-probs come from: frozen (scored each step) | offline (file)
+    objective: str = "dft"  # dft | dft2 | sft (ref_free then true: no reference either)
 
     @property
     def scores_reference_on_the_fly(self) -> bool:
@@ -96,18 +97,23 @@ class DFTLossReduction(MegatronLossReduction):
             counted = torch.ones_like(pos)
         stats["examples"] = counted.sum()
         stats["pos_logps"] = (pos.detach() * counted).sum()
-        stats["neg_logps"] = (neg.detach().mean(dim=-1) * counted).sum()
+        has_negatives = neg.shape[-1] > 0  # SFT may run without negatives (dft.num_negatives=0)
+        stats["neg_logps"] = (neg.detach().mean(dim=-1) * counted).sum() if has_negatives else 0.0
         correct = (length_average(pos, pos_len).unsqueeze(-1) > length_average(neg, neg_len)).all(dim=-1)
+        correct = correct & has_negatives
         stats["rank_correct"] = (correct.to(counted.dtype) * counted).sum().detach()
         rows_counted = counted.repeat_interleave(1 + self.hparams.num_negatives)
         stats["response_tokens"] = (pos_len * counted).sum() + (neg_len.sum(dim=-1) * counted).sum()
         stats["tokens"] = (batch["lengths"].to(counted.device, counted.dtype) * rows_counted).sum()
         rows, width = batch["loss_mask"].shape  # computed positions, for the FLOPs count (throughput.py)
         stats["padded_tokens"], stats["padded_token_pairs"] = rows * width, rows * width * width
+        stats["loss_count"] = stats["examples"]  # the loss is a mean over prompts (SFT: over positive tokens)
         count = torch.full((), examples, dtype=torch.long, device=pos.device)
         if self.evaluation:
             loss_sum = (pos.sum() * 0.0).detach()
             return loss_sum, count, {"stats": _stack(stats, pos.device)}
+        if self.hparams.objective == "sft":
+            return self._sft_forward(pos, pos_len, stats)
 
         ref_neg = None
         if not self.hparams.ref_free:
@@ -134,6 +140,16 @@ class DFTLossReduction(MegatronLossReduction):
         # megatron divides the returned loss by the returned count and the number of
         # micro-batches, so every micro-batch contributes its mean over examples.
         return loss_sum, count, {"stats": _stack(stats, pos.device)}
+
+    def _sft_forward(self, pos: torch.Tensor, pos_len: torch.Tensor, stats: dict[str, torch.Tensor | float]):
+        """The SFT baseline: the summed NLL and the number of positive tokens.  The model config
+        sets ``calculate_per_token_loss`` for SFT, so megatron sums these over micro-batches and
+        data-parallel ranks and divides the gradients by the global token count: every layout of a
+        global batch takes the same token mean."""
+        result = sft_loss(pos, pos_len)
+        tokens = result.tokens.round().to(torch.int64)
+        stats["loss"], stats["loss_count"] = result.nll_sum.detach(), tokens
+        return result.nll_sum, tokens.to(pos.device), {"stats": _stack(stats, pos.device)}
 
     def reduce(self, losses_reduced_per_micro_batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Global-batch means over all micro-batches and data-parallel ranks; in training also the
@@ -162,7 +178,7 @@ def summarize(totals: torch.Tensor) -> dict[str, torch.Tensor]:
     stats = dict(zip(STAT_NAMES, totals, strict=True))
     n = stats["examples"].clamp(min=1)
     return {
-        "loss": (stats["loss"] / n).float(),
+        "loss": (stats["loss"] / stats["loss_count"].clamp(min=1)).float(),
         "u_mean": (stats["u"] / n).float(),
         "weight_mean": (stats["weight"] / n).float(),
         "pos_logps": (stats["pos_logps"] / n).float(),

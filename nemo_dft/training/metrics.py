@@ -27,13 +27,21 @@ def metrics_from_last_stage(values: dict[str, float], keys: tuple[str, ...]) -> 
 
 def progress_fields(record: dict) -> dict[str, str]:
     """The progress bar's numbers: loss, ranking accuracy, tokens/s, TFLOP/s per device and MFU."""
-    fields = {"loss": f"{record['loss']:.3f}", "rank_acc": f"{record['rank_acc']:.2f}",
-              "tok/s": f"{record['tokens_per_s']:.0f}"}
+    fields = {"loss": f"{record['loss']:.3f}"}
+    if record.get("rank_acc") is not None:  # null without negatives (SFT with dft.num_negatives=0)
+        fields["rank_acc"] = f"{record['rank_acc']:.2f}"
+    fields["tok/s"] = f"{record['tokens_per_s']:.0f}"
     if record.get("tflops_per_device") is not None:
         fields["TFLOP/s"] = f"{record['tflops_per_device']:.3g}"
     if record.get("mfu") is not None:
         fields["MFU"] = f"{100 * record['mfu']:.1f}%"
     return fields
+
+
+def without_negatives(pl_module) -> bool:
+    """True when the run scores no negatives (SFT with dft.num_negatives=0)."""
+    dft = getattr(pl_module, "dft", None)
+    return dft is not None and dft.num_negatives == 0
 
 
 class MetricsJsonl(pl.Callback):
@@ -89,8 +97,11 @@ class MetricsJsonl(pl.Callback):
                                                   values["padded_token_pairs"], elapsed))
         if getattr(pl_module, "nonfinite_guard", None) is not None:
             record["skipped_steps"] = pl_module.nonfinite_guard.skipped  # trainer.nonfinite=skip
+        if without_negatives(pl_module):  # nothing to rank: null, not a misleading 0
+            record["rank_acc"] = record["neg_logps"] = None
         self.history.append(record)
-        pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
+        if record["rank_acc"] is not None:
+            pl_module.log("rank_acc", values["rank_acc"], prog_bar=True, batch_size=1, rank_zero_only=True)
         if self._bar is not None:
             self._bar.set_postfix(progress_fields(record), refresh=False)
             self._bar.update(1)

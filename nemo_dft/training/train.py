@@ -167,6 +167,10 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
             resolve_window(gpt_config, row, transformer_engine=on_gpu)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    # SFT's loss is a token mean over the global batch: megatron then divides the gradients by the
+    # token count summed over micro-batches and data-parallel ranks (set either way: a checkpoint's
+    # own config, model.preset=checkpoint, may carry the other objective's value)
+    gpt_config.calculate_per_token_loss = cfg.dft.objective == "sft"
     optim = MegatronOptimizerModule(
         config=OptimizerConfig(
             optimizer="adam",
@@ -192,7 +196,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
         gpt_config,
         dft=DFTHyperParameters(
             tau=cfg.dft.tau, gamma=cfg.dft.gamma, num_negatives=cfg.dft.num_negatives, ref_free=cfg.dft.ref_free,
-            reference=cfg.dft.reference,
+            reference=cfg.dft.reference, objective=cfg.dft.objective,
         ),
         num_train_examples=train_ds.num_examples,
         u_init=cfg.dft.u_init,

@@ -5,7 +5,9 @@ One initial checkpoint, then 3 optimizer steps of DFT2 at (TP, PP, DP) = (1,1,1)
 parameters (read back from the distributed checkpoints as full tensors) must agree.  The memory
 features ride on the same initial checkpoint: the distributed optimizer (with overlapped gradient
 reduction and parameter gathering) at DP = 2, full activation recomputation, and reference-based
-DFT with the frozen reference at PP = 2 against PP = 1.
+DFT with the frozen reference at PP = 2 against PP = 1.  The SFT baseline (``dft.objective=sft``, a
+token mean over the global batch) runs at TP = 2, PP = 2 and DP = 2 with two micro-batches of
+unequal token counts per rank against one process, and without negatives against with them.
 
 Adam divides each update by sqrt(v) + eps, so a weight whose gradient is ~1e-9 moves by about
 +-lr whatever the last bits of that gradient are; summation order differs between layouts, so
@@ -48,6 +50,11 @@ LAYOUTS = {
     # difference of terms ~75 times larger, so TP's summation order moves it by more than 1e-5
     "lora_tp1_pp1_dp1_mb4": (1, 1, 1, 4),
     "lora_tp2_pp1_dp1_mb4": (2, 1, 1, 4),
+    "sft_tp1_pp1_dp1_mb4": (1, 1, 1, 4),
+    "sft_tp2_pp1_dp1_mb4": (2, 1, 1, 4),
+    "sft_tp1_pp2_dp1_mb4": (1, 2, 1, 4),
+    "sft_tp1_pp1_dp2_mb2": (1, 1, 2, 2),
+    "sft_nonegatives_tp1_pp1_dp1_mb4": (1, 1, 1, 4),
 }
 EXTRA = {
     "tp1_pp1_dp2_mb4_distopt": ["model.use_distributed_optimizer=true", "model.overlap_grad_reduce=true",
@@ -62,7 +69,10 @@ LORA = ["dft.ref_free=false", "dft.reference=frozen", "dft.tau=1.0", "dft.gamma=
         "peft.dim=4"]
 EXTRA.update({name: LORA for name in LAYOUTS if name.startswith("frozen_lora_")})
 EXTRA.update({name: ["peft.scheme=lora", "peft.dim=4"] for name in LAYOUTS if name.startswith("lora_")})
-DFT2_LAYOUTS = [n for n in LAYOUTS if not n.startswith(("frozen_", "lora_"))]
+EXTRA.update({name: ["dft.objective=sft"] for name in LAYOUTS if name.startswith("sft_")})
+EXTRA["sft_nonegatives_tp1_pp1_dp1_mb4"].append("dft.num_negatives=0")
+DFT2_LAYOUTS = [n for n in LAYOUTS if not n.startswith(("frozen_", "lora_", "sft_"))]
+SFT_LAYOUTS = [n for n in LAYOUTS if n.startswith("sft_tp")]
 METRICS = ("loss", "pos_logps", "neg_logps", "u_mean", "weight_mean", "rank_acc", "grad_norm")
 
 
@@ -109,8 +119,9 @@ def runs(tmp_path_factory):
     return results
 
 
-def assert_same_training(base: dict, other: dict, label: str, rtol: float, atol: float, params: bool = True) -> None:
-    for key in METRICS:
+def assert_same_training(base: dict, other: dict, label: str, rtol: float, atol: float, params: bool = True,
+                         metrics: tuple[str, ...] = METRICS) -> None:
+    for key in metrics:
         ours = torch.tensor([m[key] for m in other["metrics"]], dtype=torch.float64)
         ref = torch.tensor([m[key] for m in base["metrics"]], dtype=torch.float64)
         torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol, msg=f"{label}: {key} differs")
@@ -175,3 +186,20 @@ def test_lora_layout_matches_single_process(runs, single, layout):
 def test_training_moved_the_parameters(runs):
     moved = [not torch.equal(runs["init"]["params"][k], v) for k, v in runs["tp1_pp1_dp1_mb4"]["params"].items()]
     assert sum(moved) >= len(moved) - 1  # every weight (the untouched padding aside) was updated
+
+
+@pytest.mark.parametrize("layout", [n for n in SFT_LAYOUTS if n != "sft_tp1_pp1_dp1_mb4"])
+def test_sft_layout_matches_single_process(runs, layout):
+    """The SFT token mean over the global batch, whatever TP, PP, DP and micro-batch split."""
+    assert_same_training(runs["sft_tp1_pp1_dp1_mb4"], runs[layout], f"sft {layout}", rtol=1e-5, atol=1e-6)
+
+
+def test_sft_ignores_negatives_and_u(runs):
+    """Negatives change nothing but the ranking metrics; u stays at u_init; SFT is not DFT2."""
+    sft = runs["sft_tp1_pp1_dp1_mb4"]
+    bare = runs["sft_nonegatives_tp1_pp1_dp1_mb4"]
+    assert_same_training(sft, bare, "sft without negatives", rtol=1e-6, atol=1e-7,
+                         metrics=("loss", "pos_logps", "grad_norm"))
+    assert all(m["rank_acc"] is None and m["neg_logps"] is None for m in bare["metrics"])
+    assert torch.count_nonzero(sft["u"]) == 0
+    assert [m["loss"] for m in sft["metrics"]] != [m["loss"] for m in runs["tp1_pp1_dp1_mb4"]["metrics"]]
