@@ -89,3 +89,27 @@ def test_adapter_export_of_a_full_fine_tuning_checkpoint_is_refused(exported, tm
                              str(tmp_path / "none"), "--adapter")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=subprocess_env())
     assert result.returncode == 2 and "not a LoRA checkpoint" in result.stderr, result.stderr[-3000:]
+
+
+GEN_PY = REPO / ".venv-gen" / "bin" / "python"
+
+
+@pytest.mark.skipif(not GEN_PY.exists(), reason="needs .venv-gen with vLLM: run `make gen-env`")
+def test_vllm_applies_the_exported_adapter_like_the_merged_export(exported, tmp_path):
+    """vLLM's LoRA loading takes the PEFT layout: base + adapter scores a prompt as the merged export
+    does, and unlike the base alone (so a silently ignored adapter fails)."""
+    import os
+
+    import torch
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    env.pop("PYTHONPATH", None)
+    command = [str(GEN_PY), str(Path(__file__).with_name("vllm_lora_probe.py")),
+               str(exported["hf_base"]), str(exported["adapter"]), str(exported["hf_merged"])]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
+    reported = {name: torch.tensor(values) for name, values in json.loads(lines[-1][len("RESULT "):]).items()}
+    assert (reported["adapter"] - reported["merged"]).abs().max() < 1e-4
+    assert (reported["adapter"] - reported["base"]).abs().max() > 1e-3

@@ -18,6 +18,7 @@ def build(window):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     config = TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
@@ -25,6 +26,8 @@ def build(window):
         add_bias_linear=False, params_dtype=torch.float32, use_cpu_initialization=True, window_size=window,
         hidden_dropout=0.0, attention_dropout=0.0, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False,
+        # local, as on every CPU run: "auto" asserts on NVTE_* variables an earlier in-process run may have set
+        attention_backend=AttnBackend.local,
     )
     torch.manual_seed(0)
     return GPTModel(config, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=97,
