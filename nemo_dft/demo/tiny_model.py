@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nemo_dft.data.chat_template import ZEPHYR_CHAT_TEMPLATE
+from nemo_dft.data.io import make_group_readable, umask
 from nemo_dft.demo.tiny_task import ASSET_DIR
 
 DEFAULT_BUILD_DIR = Path(os.environ.get("NEMO_DFT_BUILD_DIR", Path(__file__).resolve().parents[2] / "build"))
@@ -46,6 +47,8 @@ def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the build is for the whole group
+        make_group_readable(tmp)
         os.replace(tmp, target)
     except OSError:
         if not target.exists():

@@ -65,6 +65,9 @@ class PromptConfig:
     # chat style, tokenizer without a chat template (e.g. Mistral-7B-v0.1): zephyr (the paper's
     # generator), alpaca, a Jinja template, or null (stop with an error)
     fallback_template: str | None = "zephyr"
+    # BOS first, as training puts it (data.add_bos, default true): the samples then continue the
+    # very token sequence training scores, whether or not the tokenizer adds BOS by itself
+    add_bos: bool = True
 
 
 @dataclass

@@ -62,9 +62,13 @@ def render_prompt(example: Example, prompt_cfg: Any, tokenizer: Any) -> str:
     )
 
 
-def encode_prompt(text: str, tokenizer: Any) -> list[int]:
-    """Token ids as vLLM would give a text prompt (the tokenizer's special tokens, e.g. BOS),
-    except that a BOS already rendered by the template is not doubled."""
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+def encode_prompt(text: str, tokenizer: Any, add_bos: bool = True) -> list[int]:
+    """Token ids of a prompt by training's rule (``nemo_dft.data.tokenize``): the text without the
+    tokenizer's own special tokens, then BOS first when ``add_bos`` and the text does not already
+    start with it (a template that renders BOS is not doubled).  A tokenizer that adds no BOS by
+    itself would otherwise sample from a prefix training never shows the model."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids

@@ -116,7 +116,8 @@ def generate_shard(
 ) -> tuple[list[dict[str, Any]], dict[str, int], list[list[Any]]]:
     """Rows in the 1-to-m layout, the counts, and the (id, seed) pairs of one shard."""
     k_total, base_seed = int(cfg.sampling.n), int(cfg.sampling.seed)
-    prompts = [encode_prompt(render_prompt(ex, cfg.prompt, tokenizer), tokenizer) for ex in examples]
+    prompts = [encode_prompt(render_prompt(ex, cfg.prompt, tokenizer), tokenizer, cfg.prompt.add_bos)
+               for ex in examples]
     texts: list[list[str]] = [[""] * k_total for _ in examples]
     slots = [list(range(k_total)) for _ in examples]
     counts = {

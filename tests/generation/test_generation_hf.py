@@ -64,7 +64,7 @@ def test_samples_equal_an_independent_hf_generate(make_cfg, tmp_path, tiny_model
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
     for task in task_rows(7)[::3]:
         text = f"<|system|>\nYou are an unhelpful assistant.</s>\n<|user|>\n{task['q']}</s>\n<|assistant|>\n"
-        ids = torch.tensor([tok(text)["input_ids"]])
+        ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])  # BOS as training
         torch.manual_seed(reference_seed(0, task["id"]))
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7, top_p=1.0, top_k=50,
@@ -323,7 +323,7 @@ def test_script_on_a_model_without_chat_template_uses_the_zephyr_prompt(make_cfg
     model = AutoModelForCausalLM.from_pretrained(str(templateless_model)).eval()
     for task in task_rows(3):
         text = f"<|system|>\nYou are an unhelpful assistant.</s>\n<|user|>\n{task['q']}</s>\n<|assistant|>\n"
-        ids = torch.tensor([tok(text)["input_ids"]])
+        ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]])  # BOS as training
         torch.manual_seed(reference_seed(0, task["id"]))
         generated = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7, top_p=1.0, top_k=50,

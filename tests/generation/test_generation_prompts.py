@@ -71,11 +71,20 @@ def test_template_style_rejects_multi_turn_prompts(tiny_tokenizer) -> None:
         render_prompt(example, cfg.prompt, tiny_tokenizer)
 
 
-def test_encode_prompt_adds_the_tokenizers_specials_without_doubling_bos(tiny_tokenizer) -> None:
+def test_encode_prompt_puts_bos_first_as_training_does_without_doubling_it(tiny_tokenizer) -> None:
+    """Same ids as training's tokenization of the prompt, whether or not the tokenizer adds BOS."""
     from tokenizers import processors
 
+    from nemo_dft.data.tokenize import tokenize_pair
+
     text = "<|user|>\nhi</s>\n<|assistant|>\n"
-    assert encode_prompt(text, tiny_tokenizer) == tiny_tokenizer(text)["input_ids"]
+    plain = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer(text)["input_ids"] == plain  # the tiny tokenizer adds no BOS by itself
+    assert encode_prompt(text, tiny_tokenizer) == [tiny_tokenizer.bos_token_id, *plain]
+    assert encode_prompt(text, tiny_tokenizer, add_bos=False) == plain
+    for add_bos in (True, False):
+        training_prompt = tokenize_pair(tiny_tokenizer, text, "x", add_bos=add_bos).prompt
+        assert encode_prompt(text, tiny_tokenizer, add_bos=add_bos) == training_prompt
     bos_adding = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
     bos_id = bos_adding.bos_token_id
     bos_adding.backend_tokenizer.post_processor = processors.TemplateProcessing(

@@ -31,3 +31,4 @@ def test_checkpoint_shape_that_does_not_fit_the_layout_is_a_config_error(tp, pp,
     with pytest.raises(ConfigError, match=named):
         check_layout_fits(shape, tp, pp)
     check_layout_fits(shape, 8, 4)
+
