@@ -79,6 +79,8 @@ def plot(results: dict, path: Path) -> None:
         last = results["protocol"]["finetune_steps"]
         ax.errorbar([last], [entry["heldout_accuracy_mean"]], yerr=[entry["heldout_accuracy_std"]],
                     color=line.get_color(), capsize=4, marker="s", alpha=0.6)
+    highest = max([base, *(a for e in results["methods"].values() for _, a in e["curve"])])
+    ax.set_ylim(0, max(0.1, 1.15 * highest))
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("held-out greedy accuracy")
     ax.set_title(f"Arithmetic word problems ({results['protocol']['heldout']} held-out)\n"
@@ -93,6 +95,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_report(out: Path, results: dict) -> None:
+    results = json.loads(json.dumps(results))  # the table and the plot read what results.json holds
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_text_atomic(out / "results.md", table(results))
     plot(results, out / "heldout_accuracy.png")
