@@ -71,8 +71,8 @@ def hf_greedy(model: Any, tokenizer: Any, prompts: list[list[int]], *, max_new_t
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              eos_token_id=eos, pad_token_id=pad)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=pad, bos_token_id=model.generation_config.bos_token_id)
     outputs: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
         chunk = prompts[start: start + batch_size]

@@ -87,3 +87,24 @@ def test_bad_input_exits_2_with_one_line(case, train_main, tmp_path, capsys):
         assert part in lines[0], (part, lines[0])
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_sft_without_negatives_needs_no_generated_columns(tmp_path):
+    """dft.objective=sft with dft.num_negatives=0 reads rows that have only ``real`` and builds groups
+    of the positive alone; with negatives asked for, the same file is refused naming the column."""
+    from transformers import AutoTokenizer
+
+    from nemo_dft.config.loading import ConfigError
+    from nemo_dft.config.training import load_config
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+    from nemo_dft.training.train import build_datasets, read_checked_rows
+
+    data = write(tmp_path / "positives.jsonl", [{"id": r["id"], "real": r["real"]} for r in rows()])
+    cfg = load_config(None, [f"data.path={data}", "data.eval_path=null", "dft.objective=sft", "dft.num_negatives=0"])
+    assert cfg.dft.ref_free  # no reference model for SFT
+    checked = read_checked_rows(cfg)
+    train, _ = build_datasets(cfg, AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir())), checked)
+    assert train.num_examples == 4 and len(train.group(0)["pairs"]) == 1
+    cfg = load_config(None, [f"data.path={data}", "data.eval_path=null", "dft.objective=sft"])
+    with pytest.raises(ConfigError, match="generated_0"):
+        read_checked_rows(cfg)
