@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from nemo_dft.data.chat_template import ZEPHYR_CHAT_TEMPLATE
@@ -74,6 +74,12 @@ def _task_corpus() -> Iterator[str]:
 
 def build_tiny_tokenizer(out_dir: Path) -> None:
     """Train a 512-token byte-level BPE on the task text and save it as an HF tokenizer."""
+    train_bpe_tokenizer(_task_corpus(), out_dir)
+
+
+def train_bpe_tokenizer(corpus: Iterable[str], out_dir: Path, vocab_size: int = TINY_VOCAB_SIZE) -> None:
+    """A byte-level BPE of exactly ``vocab_size`` tokens trained on ``corpus``, saved as an HF
+    tokenizer with the zephyr chat template (bytes it never saw still encode, one token each)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,15 +87,15 @@ def build_tiny_tokenizer(out_dir: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_task_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     # Reserve the rest of the vocabulary, so that it is exactly TINY_VOCAB_SIZE: the padded
     # vocabulary is then the same at every tensor-parallel size and checkpoints reshard.
-    unused = TINY_VOCAB_SIZE - tokenizer.get_vocab_size()
+    unused = vocab_size - tokenizer.get_vocab_size()
     tokenizer.add_special_tokens([f"<unused_{i}>" for i in range(unused)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -1,0 +1,102 @@
+"""benchmarks/dft_vs_sft.py --quick: the whole pipeline through the project's commands gives a
+well-formed report, chooses learning rates before scoring the held-out split, and resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nemo_dft.data.io import read_rows
+from nemo_dft.demo import arithmetic_task
+from tests.conftest import REPO, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def _run(out) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "benchmarks" / "dft_vs_sft.py"), "--quick", "--out", str(out),
+               "--threads", "1"]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dft_vs_sft")
+    return out, _run(out)
+
+
+def test_results_are_well_formed(quick_run) -> None:
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    protocol = results["protocol"]
+    assert set(results["methods"]) == {"sft", "dft", "dft2"}
+    assert 0.0 <= results["base"]["heldout_accuracy"] <= 1.0
+    for method, entry in results["methods"].items():
+        assert entry["seeds"] == protocol["seeds"], method
+        assert len(entry["heldout_accuracy"]) == len(entry["rank_acc"]) == len(protocol["seeds"])
+        assert all(0.0 <= a <= 1.0 for a in entry["heldout_accuracy"] + entry["rank_acc"]), entry
+        assert entry["lr"] == results["lr_choice"]["lr"][method]
+        assert entry["lr"] in protocol["lr_grid"]
+        assert entry["curve"][-1] == [protocol["finetune_steps"], entry["heldout_accuracy"][0]]
+        assert entry["training"][0]["steps"] == protocol["finetune_steps"]
+    # The DFT runs log their u weights; SFT has no negatives.
+    assert results["methods"]["dft"]["training"][0]["u_mean"] is not None
+    assert results["methods"]["sft"]["training"][0]["neg_logps"] is None
+    table = (out / "results.md").read_text()
+    for label in ("SFT", "DFT (tau 1.0", "DFT2 (tau 0.3", "base"):
+        assert f"| {label}" in table, label
+    png = (out / "heldout_accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_every_evaluation_scores_its_whole_split(quick_run) -> None:
+    out, _ = quick_run
+    protocol = json.loads((out / "results.json").read_text())["protocol"]
+    evaluations = sorted((out / "eval").glob("*.json"))
+    assert evaluations
+    for path in evaluations:
+        split = "heldout" if path.stem.endswith("heldout") else "validation"
+        result = json.loads(path.read_text())
+        assert result["n"] == protocol[split], path.name
+        assert result["accuracy"] == sum(e["correct"] for e in result["examples"]) / result["n"]
+
+
+def test_negatives_come_from_the_base_and_their_quality_is_counted_independently(quick_run) -> None:
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    protocol = results["protocol"]
+    per_prompt = {"finetune": protocol["num_negatives"] * protocol["epochs"], "heldout": protocol["num_negatives"]}
+    for split, samples in per_prompt.items():
+        rows = read_rows(out / f"neg-{split}" / "negatives.parquet")
+        assert len(rows) == protocol[split]
+        texts = [(r["real"][-1]["content"], r[f"generated_{k}"][-1]["content"]) for r in rows for k in range(samples)]
+        assert not any(f"generated_{samples}" in r for r in rows)
+        right = sum(arithmetic_task.extract_answer(neg) == arithmetic_task.extract_answer(ref)
+                    and arithmetic_task.extract_answer(ref) is not None for ref, neg in texts)
+        quality = results["negatives"][split]
+        assert quality["samples"] == len(texts)
+        assert quality["correct_share"] == pytest.approx(right / len(texts))
+
+
+def test_learning_rates_are_chosen_before_the_heldout_split_is_scored(quick_run) -> None:
+    out, _ = quick_run
+    chosen = (out / "lr_choice.json").stat().st_mtime
+    finetuned = [p for p in (out / "eval").glob("*heldout.json") if not p.name.startswith("base")]
+    assert finetuned
+    assert all(p.stat().st_mtime >= chosen for p in finetuned)
+    assert all(p.stat().st_mtime <= chosen for p in (out / "eval").glob("*validation.json"))
+
+
+def test_a_rerun_resumes_without_training_again(quick_run) -> None:
+    out, _ = quick_run
+    before = json.loads((out / "results.json").read_text())
+    logs = {p: p.stat().st_mtime for p in (out / "logs").glob("*.log")}
+    _run(out)
+    after = json.loads((out / "results.json").read_text())
+    assert {k: v for k, v in after.items() if k != "seconds"} == {k: v for k, v in before.items() if k != "seconds"}
+    assert {p: p.stat().st_mtime for p in (out / "logs").glob("*.log")} == logs, "a finished stage ran again"
