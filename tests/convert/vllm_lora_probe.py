@@ -8,6 +8,7 @@ Runs in ``.venv-gen`` (vLLM), so it imports nothing from nemo_dft.  Prints one l
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 PROMPT = "What is the capital of France?"
@@ -34,6 +35,9 @@ def main() -> None:
     result = {"adapter": prompt_logprobs(base, adapter), "merged": prompt_logprobs(merged, None),
               "base": prompt_logprobs(base, None)}
     print("RESULT " + json.dumps(result), flush=True)
+    # three engines in one process: vLLM's teardown at interpreter exit can abort (SIGABRT) after the
+    # work is done, so leave without it
+    os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process
