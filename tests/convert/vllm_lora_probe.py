@@ -2,13 +2,13 @@
 the exported PEFT adapter, the merged export, and the base alone.
 
 Runs in ``.venv-gen`` (vLLM), so it imports nothing from nemo_dft.  Prints one line
-``RESULT {json}`` with the prompt log-probs of each.
+``RESULT {json}`` with the prompt log-probs of each, once all three are done (with three engines in
+one process, vLLM's teardown at interpreter exit may then abort; the line is what counts).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 PROMPT = "What is the capital of France?"
@@ -35,9 +35,6 @@ def main() -> None:
     result = {"adapter": prompt_logprobs(base, adapter), "merged": prompt_logprobs(merged, None),
               "base": prompt_logprobs(base, None)}
     print("RESULT " + json.dumps(result), flush=True)
-    # three engines in one process: vLLM's teardown at interpreter exit can abort (SIGABRT) after the
-    # work is done, so leave without it
-    os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process
