@@ -14,26 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Runs a command and prints the peak RSS (KiB on Linux) of that one child.
-PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-            "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
-
-
-def run(command: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS in KiB) of ``command``; its output is shown only on failure."""
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    peak = int(result.stdout.rsplit("PEAK_RSS_KIB", 1)[1].split()[0])
-    return time.perf_counter() - started, peak
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_modes import run  # noqa: E402  (one child-process peak-RSS harness for both benchmarks)
 
 
 def summary(run_dir: Path, seconds: float, peak_kib: int) -> dict:
