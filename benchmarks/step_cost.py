@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/step_cost.py [--steps 4] [--scale 0.125] [--out FILE]
 
-Three variants, each in its own process (peak RSS of that process), same model, weights and data,
+Four variants, each in its own process (peak RSS of that process), same model, weights and data,
 all written with HF transformers (Mistral architecture, fp32, eager attention, 1 thread):
 
 - ``padded``: nemo_dft's padded layout (``collate_groups``): micro-batches of 2 prompts (the
@@ -11,17 +11,23 @@ all written with HF transformers (Mistral architecture, fp32, eager attention, 1
 - ``packed``: nemo_dft's packed layout (``pack_groups``, ``data.packing=true``): the 2 prompts'
   sequences end to end in one row, a block-diagonal causal mask, positions restarting per
   sequence; the reference scores the negatives, re-packed;
+- ``packed_rows``: the layout pipeline parallelism trains (``data.pack_length``, ``pack_step``): the
+  step's groups planned into rows of exactly ``pack_length`` positions (4096 scaled by ``--scale``),
+  one micro-batch per row; the reference scores each row's negatives re-packed, all of a step's
+  reference rows padded to one width (the pipelined reference's shape);
 - ``paper``: the paper trainer's pattern: micro-batches of 4 prompts, [positive; negatives]
   padded to the longest sequence of the micro-batch, a frozen reference forward over all rows.
 
-Each step: 8 prompts (gradient accumulation over the micro-batches), policy forward and backward,
+Each step: 16 prompts, a data-parallel rank's share of the paper's 128-prompt step at DP = 8
+(gradient accumulation over the micro-batches), policy forward and backward,
 reference forward (no grad), the DFT loss (nemo_dft.objective), one Adam step.  Lengths: the
 issue-15 UltraFeedback-like distribution (nemo_dft.data.lengths) scaled by ``--scale``.
 
 Printed per variant: real tokens/s (the step's real policy tokens over its median wall time),
 processed tokens/s (positions computed by the policy and the reference forwards), the real-token
 fraction (real policy tokens / policy positions) and peak RSS; then the ratios of real tokens/s
-packed/paper and packed/padded.  ``--out FILE`` writes them as JSON.
+packed/paper and packed/padded (and the same for packed_rows).  ``--out FILE`` writes them as JSON.
+``--small`` swaps in a 2-layer, hidden-64 model (the smoke test's; its ratios mean nothing).
 """
 
 from __future__ import annotations
@@ -36,11 +42,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("padded", "packed", "paper")
+VARIANTS = ("padded", "packed", "packed_rows", "paper")
 SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
          "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096}
-PROMPTS_PER_STEP, NUM_NEGATIVES = 8, 2
-MICRO = {"padded": 2, "packed": 2, "paper": 4}
+SMALL_SHAPE = {**SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16}
+PROMPTS_PER_STEP, NUM_NEGATIVES = 16, 2
+MICRO = {"padded": 2, "packed": 2, "paper": 4}  # packed_rows: as many prompts as fit a row
+PACK_LENGTH = 4096  # data.pack_length at full scale
 
 
 def make_groups(num_groups: int, scale: float, seed: int) -> list[dict]:
@@ -85,9 +94,9 @@ def token_logps(model, tokens, labels, position_ids, mask):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def micro_batch_scores(variant, policy, reference, items):
+def micro_batch_scores(variant, policy, reference, items, reference_width=None):
     """([B] pos, [B, m] neg) policy scores with grad, [B, m] reference scores, (real, policy positions,
-    reference positions)."""
+    reference positions).  ``items``: the micro-batch's groups, or (packed_rows) its packed row."""
     import torch
 
     from nemo_dft.data.collate import collate_groups
@@ -95,13 +104,13 @@ def micro_batch_scores(variant, policy, reference, items):
     from nemo_dft.modeling.logprobs import negative_sub_batch, sequence_logps, split_groups
 
     group = 1 + NUM_NEGATIVES
-    if variant == "packed":
-        batch = pack_groups(items, pad_id=0)
+    if variant in ("packed", "packed_rows"):
+        batch = pack_groups(items, pad_id=0) if variant == "packed" else items
         rows = batch["lengths"].numel()
         logps = token_logps(policy, batch["tokens"], batch["labels"], batch["position_ids"],
                             additive_mask(batch["segment_ids"]))
         sums, lengths = packed_sequence_logps(logps, batch["loss_mask"], batch["segment_ids"], rows)
-        negatives = packed_negative_sub_batch(batch, group)
+        negatives = packed_negative_sub_batch(batch, group, width=reference_width)
         with torch.no_grad():
             ref = token_logps(reference, negatives["tokens"], negatives["labels"], negatives["position_ids"],
                               additive_mask(negatives["segment_ids"]))
@@ -134,7 +143,29 @@ def micro_batch_scores(variant, policy, reference, items):
     return pos, neg, pos_len, neg_len, ref_neg.view(-1, NUM_NEGATIVES), counts
 
 
-def run_variant(variant: str, steps: int, scale: float, seed: int) -> dict:
+def pack_length(scale: float) -> int:
+    return max(8, round(PACK_LENGTH * scale) // 8 * 8)
+
+
+def micro_batches(variant: str, step_groups: list[dict], scale: float):
+    """(groups or packed row, example indices, reference row width) of each micro-batch of a step."""
+    import torch
+
+    if variant != "packed_rows":
+        micro = MICRO[variant]
+        for first in range(0, len(step_groups), micro):
+            items = step_groups[first:first + micro]
+            yield items, torch.tensor([item["index"] for item in items]), None
+        return
+    from nemo_dft.data.packing import pack_step, packed_negative_positions
+
+    rows = pack_step(step_groups, pad_id=0, pack_length=pack_length(scale))
+    longest = max(packed_negative_positions(row, 1 + NUM_NEGATIVES) for row in rows)
+    for row in rows:
+        yield row, row["example_index"], -(-longest // 8) * 8
+
+
+def run_variant(variant: str, steps: int, scale: float, seed: int, small: bool) -> dict:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -142,26 +173,26 @@ def run_variant(variant: str, steps: int, scale: float, seed: int) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    config = MistralConfig(**SHAPE, max_position_embeddings=4096, sliding_window=None, attn_implementation="eager")
+    config = MistralConfig(**(SMALL_SHAPE if small else SHAPE), max_position_embeddings=4096, sliding_window=None,
+                           attn_implementation="eager")
     policy = MistralForCausalLM(config)
     reference = MistralForCausalLM(config).eval().requires_grad_(False)
     reference.load_state_dict(policy.state_dict())
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-5)
     groups = make_groups(PROMPTS_PER_STEP * (steps + 1), scale, seed)
     u = torch.zeros(len(groups))
-    micro = MICRO[variant]
     times, real, policy_positions, processed = [], 0, 0, 0
     for step in range(steps + 1):  # step 0 warms up and is not timed
         started = time.perf_counter()
         step_counts = [0, 0, 0]
-        for first in range(step * PROMPTS_PER_STEP, (step + 1) * PROMPTS_PER_STEP, micro):
-            items = groups[first:first + micro]
-            pos, neg, pos_len, neg_len, ref_neg, counts = micro_batch_scores(variant, policy, reference, items)
-            index = torch.tensor([item["index"] for item in items])
+        step_groups = groups[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP]
+        for items, index, reference_width in micro_batches(variant, step_groups, scale):
+            pos, neg, pos_len, neg_len, ref_neg, counts = micro_batch_scores(variant, policy, reference, items,
+                                                                             reference_width)
             result = dft_loss(pos, neg, u[index], tau=1.0, gamma=0.85, ref_neg_logps=ref_neg, pos_lengths=pos_len,
                               neg_lengths=neg_len, with_metrics=False)
             u[index] = result.u
-            (result.loss * len(items) / PROMPTS_PER_STEP).backward()
+            (result.loss * len(index) / PROMPTS_PER_STEP).backward()
             step_counts = [a + b for a, b in zip(step_counts, counts, strict=True)]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -172,7 +203,7 @@ def run_variant(variant: str, steps: int, scale: float, seed: int) -> dict:
             processed += step_counts[1] + step_counts[2]
     seconds = statistics.median(times) * len(times)
     return {"real_tokens_per_s": real / seconds, "processed_tokens_per_s": processed / seconds,
-            "real_fraction": real / policy_positions,
+            "real_fraction": real / policy_positions, "real_tokens": real,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -182,30 +213,33 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.125, help="factor on every length of the distribution")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
+    parser.add_argument("--small", action="store_true", help="a 2-layer, hidden-64 model (smoke test)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps, args.scale, args.seed)))
+        print(json.dumps(run_variant(args.variant, args.steps, args.scale, args.seed, args.small)))
         return
-    print(f"model: Mistral architecture, {SHAPE}; fp32, 1 thread; {PROMPTS_PER_STEP} prompts per step, "
-          f"m = {NUM_NEGATIVES}; lengths: the issue-15 distribution scaled by {args.scale} "
-          f"(median prompt {120 * args.scale:g}, positive {250 * args.scale:g}, negative {220 * args.scale:g} tokens)")
+    print(f"model: Mistral architecture, {SMALL_SHAPE if args.small else SHAPE}; fp32, 1 thread; "
+          f"{PROMPTS_PER_STEP} prompts per step, m = {NUM_NEGATIVES}; lengths: the issue-15 distribution scaled by "
+          f"{args.scale} (median prompt {120 * args.scale:g}, positive {250 * args.scale:g}, negative "
+          f"{220 * args.scale:g} tokens); packed_rows: pack_length {pack_length(args.scale)}")
     variants = {}
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--scale",
-                   str(args.scale), "--seed", str(args.seed)]
+                   str(args.scale), "--seed", str(args.seed), *(["--small"] if args.small else [])]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
         variants[variant] = json.loads(result.stdout.strip().splitlines()[-1])
-    ratios = {"packed_vs_paper": variants["packed"]["real_tokens_per_s"] / variants["paper"]["real_tokens_per_s"],
-              "packed_vs_padded": variants["packed"]["real_tokens_per_s"] / variants["padded"]["real_tokens_per_s"]}
-    print(f"{'variant':8} {'real tok/s':>11} {'processed tok/s':>16} {'real fraction':>14} {'peak RSS MB':>12}")
+    speed = {name: v["real_tokens_per_s"] for name, v in variants.items()}
+    ratios = {f"{ours}_vs_{base}": speed[ours] / speed[base]
+              for ours in ("packed", "packed_rows") for base in ("paper", "padded")}
+    print(f"{'variant':11} {'real tok/s':>11} {'processed tok/s':>16} {'real fraction':>14} {'peak RSS MB':>12}")
     for name, v in variants.items():
-        print(f"{name:8} {v['real_tokens_per_s']:11.1f} {v['processed_tokens_per_s']:16.1f} "
+        print(f"{name:11} {v['real_tokens_per_s']:11.1f} {v['processed_tokens_per_s']:16.1f} "
               f"{v['real_fraction']:14.3f} {v['peak_rss_mb']:12.0f}")
-    print(f"packed / paper: {ratios['packed_vs_paper']:.2f}x   packed / padded: {ratios['packed_vs_padded']:.2f}x "
-          "(real tokens/s)")
+    print("real tokens/s: " + "   ".join(f"{name.replace('_vs_', ' / ')}: {value:.2f}x"
+                                         for name, value in ratios.items()))
     if args.out:
         from nemo_dft.data.io import write_text_atomic
 

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000, Mistral/Llama-2)")
     args = parser.parse_args(argv)
-    from nemo_dft.config.training import ConfigError, data_parallel_size, load_config
+    from nemo_dft.config.training import ConfigError, data_parallel_size, load_config, uses_pack_length
 
     try:
         cfg = load_config(args.config, args.overrides, check_files=False)
@@ -39,18 +39,26 @@ def main(argv: list[str] | None = None) -> int:
     shape = ModelShape(parameters=parameter_count(gpt, args.vocab), layers=gpt.num_layers, hidden=gpt.hidden_size,
                        vocab=args.vocab)
     m, dp = cfg.model, data_parallel_size(cfg)
+    # a micro-batch: micro_batch_size groups of 1 + m sequences padded to max_length (a packed row of
+    # the same groups is no longer), or with data.pack_length one row of pack_length positions, at most
+    # one row per prompt of the step
+    rows = uses_pack_length(cfg)
     layout = Layout(
         tensor_parallel=m.tensor_model_parallel_size, pipeline_parallel=m.pipeline_model_parallel_size,
-        data_parallel=dp, micro_batch_prompts=m.micro_batch_size, sequences_per_prompt=1 + cfg.dft.num_negatives,
-        sequence_length=cfg.data.max_length, micro_batches_per_step=m.global_batch_size // (m.micro_batch_size * dp),
+        data_parallel=dp, micro_batch_prompts=1 if rows else m.micro_batch_size,
+        sequences_per_prompt=1 if rows else 1 + cfg.dft.num_negatives,
+        sequence_length=cfg.data.pack_length if rows else cfg.data.max_length,
+        micro_batches_per_step=m.global_batch_size // (dp if rows else m.micro_batch_size * dp),
         precision=m.precision, distributed_optimizer=m.use_distributed_optimizer,
         grad_reduce_in_fp32=m.grad_reduce_in_fp32,
         frozen_reference=not cfg.dft.ref_free and cfg.dft.reference == "frozen",
         recompute=m.recompute_granularity, sequence_parallel=m.sequence_parallel,
     )
+    per_micro_batch = (f"one packed row of {layout.sequence_length} positions (data.pack_length)" if rows else
+                       f"{layout.micro_batch_prompts} prompts x {layout.sequences_per_prompt} sequences x "
+                       f"{layout.sequence_length} tokens")
     print(f"{shape.parameters / 1e9:.2f}B parameters, TP={layout.tensor_parallel} PP={layout.pipeline_parallel} "
-          f"DP={dp}, {layout.micro_batch_prompts} prompts x {layout.sequences_per_prompt} sequences x "
-          f"{layout.sequence_length} tokens per micro-batch; per GPU:")
+          f"DP={dp}, {per_micro_batch} per micro-batch; per GPU:")
     print(format_plan(memory_per_gpu(shape, layout), args.gpu_gb))
     return 0
 

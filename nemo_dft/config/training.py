@@ -141,8 +141,14 @@ class DataConfig:
     # paper does with empty generations; the recipes that mirror the paper use keep)
     empty_answers: str = "error"
     # Lay each micro-batch's whole groups end to end in one row, without padding (nemo_dft.data.packing);
-    # attention stays within each sequence.  Pipeline parallelism: not supported yet (padded layout).
+    # attention stays within each sequence.
     packing: bool = False
+    # With packing: rows of exactly this many positions, each holding as many whole groups as fit,
+    # one micro-batch per row (a step then has a varying number of micro-batches; it still trains
+    # model.global_batch_size prompts).  Required under pipeline parallelism, which needs one shape;
+    # at least (1 + dft.num_negatives) * (data.max_length - 1), a multiple of 8.  null: one row per
+    # micro-batch of model.micro_batch_size prompts, as long as its groups.
+    pack_length: int | None = None
 
 
 @dataclass
@@ -219,6 +225,28 @@ def model_config_overrides(cfg: DictConfig) -> dict[str, Any]:
     overrides = dict(TINY_MISTRAL_SHAPE) if cfg.model.preset == "tiny" else {}
     overrides.update(OmegaConf.to_container(cfg.model.config, resolve=True))
     return overrides
+
+
+def uses_pack_length(cfg: Any) -> bool:
+    """True when training packs rows of ``data.pack_length`` (a varying number of prompts each)."""
+    return bool(cfg.data.packing) and cfg.data.pack_length is not None
+
+
+def _check_pack_length(cfg: Any) -> None:
+    pipeline = cfg.model.pipeline_model_parallel_size > 1
+    _require(not (cfg.data.packing and pipeline and cfg.data.pack_length is None), "data.pack_length",
+             "packed rows under pipeline parallelism (model.pipeline_model_parallel_size > 1) need one length: "
+             f"set data.pack_length (at least {(1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)}, "
+             "(1 + dft.num_negatives) * (data.max_length - 1)), or data.packing=false")
+    if cfg.data.pack_length is None:
+        return
+    _require(cfg.data.packing, "data.pack_length", "is set but data.packing=false; set data.packing=true, "
+             "or data.pack_length=null")
+    smallest = (1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)
+    _require(isinstance(cfg.data.pack_length, int) and cfg.data.pack_length >= smallest, "data.pack_length",
+             f"must be an integer of at least {smallest}, (1 + dft.num_negatives) * (data.max_length - 1), "
+             f"so that every group fits a row; got {cfg.data.pack_length!r}")
+    _require(cfg.data.pack_length % 8 == 0, "data.pack_length", f"must be a multiple of 8; got {cfg.data.pack_length}")
 
 
 def _check_tokenizer(cfg: DictConfig) -> None:
@@ -317,9 +345,7 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     _require(0 < cfg.data.max_prompt_length < cfg.data.max_length, "data.max_prompt_length",
              f"must be > 0 and below data.max_length={cfg.data.max_length}")
     _require(cfg.data.num_epochs >= 1, "data.num_epochs", "must be >= 1")
-    _require(not (cfg.data.packing and cfg.model.pipeline_model_parallel_size > 1), "data.packing",
-             "packed rows under pipeline parallelism (model.pipeline_model_parallel_size > 1) are not supported "
-             "yet; set data.packing=false")
+    _check_pack_length(cfg)
     _require(not check_files or Path(cfg.data.path).exists(), "data.path", f"{cfg.data.path} does not exist")
     if check_files and cfg.data.eval_path is not None:
         _require(Path(cfg.data.eval_path).exists(), "data.eval_path", f"{cfg.data.eval_path} does not exist")

@@ -13,7 +13,15 @@ from nemo.lightning.pytorch.plugins import MegatronDataSampler
 
 from nemo_dft.data.collate import collate_groups
 from nemo_dft.data.dataset import DFTGroupDataset
-from nemo_dft.data.packing import pack_groups
+from nemo_dft.data.packing import (
+    UNPACKED,
+    StepGroups,
+    keep_groups,
+    pack_groups,
+    pack_negatives,
+    pack_step,
+    without_positives,
+)
 
 
 class DFTDataSampler(MegatronDataSampler):
@@ -21,15 +29,38 @@ class DFTDataSampler(MegatronDataSampler):
 
     The pipeline schedule sizes its activation buffers in sequences, so each step is told
     ``micro_batch_size * (1 + m)`` rows of ``seq_len`` tokens.
+
+    With ``pack_length`` (packed rows of a fixed length, the layout pipeline parallelism needs) the
+    loader hands over unpacked groups (:class:`~nemo_dft.data.packing.StepGroups`); each step then
+    takes all of this rank's micro-batches, packs their groups into rows of ``pack_length``
+    positions (:func:`~nemo_dft.data.packing.pack_step`) and runs one micro-batch per row: a step
+    still trains ``global_batch_size`` prompts, in as many micro-batches as its groups need rows.
+    Every pipeline stage of a data-parallel rank reads the same groups, so all plan the same rows.
     """
 
-    def __init__(self, *, group_size: int, **kwargs: Any) -> None:
+    def __init__(self, *, group_size: int, pad_id: int = 0, pack_length: int | None = None,
+                 negatives_only: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.group_size = group_size
+        self.pad_id = pad_id
+        self.pack_length = pack_length
+        self.negatives_only = negatives_only
 
     def on_megatron_step_start(self, step: MegatronStep) -> MegatronStep:
+        items = step.num_microbatches  # the evaluation loop says how many micro-batches it hands over
         step = super().on_megatron_step_start(step)
-        return dataclasses.replace(step, micro_batch_size=self.micro_batch_size * self.group_size)
+        if self.pack_length is None:
+            return dataclasses.replace(step, micro_batch_size=self.micro_batch_size * self.group_size)
+        groups = []
+        for _ in range(items or step.num_microbatches):
+            item = next(step.data)
+            item = item[0] if isinstance(item, tuple) else item  # (batch, batch_idx, dataloader_idx)
+            if not isinstance(item, dict) or not isinstance(item.get(UNPACKED), StepGroups):
+                raise TypeError(f"data.pack_length: expected unpacked groups from the loader, got {type(item)}")
+            groups.extend(item[UNPACKED].groups)
+        rows = pack_step(without_positives(groups) if self.negatives_only else groups, self.pad_id, self.pack_length)
+        return dataclasses.replace(step, data=iter(rows), num_microbatches=len(rows), micro_batch_size=1,
+                                   seq_length=self.pack_length)
 
 
 class DFTDataModule(pl.LightningDataModule):
@@ -47,6 +78,7 @@ class DFTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         negatives_only: bool = False,
         packing: bool = False,
+        pack_length: int | None = None,
     ) -> None:
         super().__init__()
         self.train_dataset = train
@@ -55,10 +87,16 @@ class DFTDataModule(pl.LightningDataModule):
         self.global_batch_size = global_batch_size
         width = train.settings.max_length - 1
         self.seq_length = width
-        if packing:  # one row of whole groups end to end (nemo_dft.data.packing)
-            if fixed_length or negatives_only:
-                raise ValueError("packed micro-batches have one row of varying length (no pipeline parallelism)")
-            self.collate = functools.partial(pack_groups, pad_id=pad_id)
+        if pack_length is not None and not packing:
+            raise ValueError("pack_length needs packing")
+        if packing and pack_length is not None:  # rows of pack_length, packed per step by the sampler
+            self.collate = keep_groups
+            self.seq_length = pack_length
+        elif packing:  # one row of whole groups end to end (nemo_dft.data.packing)
+            if fixed_length:
+                raise ValueError("packed micro-batches of varying length cannot run under pipeline parallelism: "
+                                 "set pack_length")
+            self.collate = functools.partial(pack_negatives if negatives_only else pack_groups, pad_id=pad_id)
         else:
             self.collate = functools.partial(collate_groups, pad_id=pad_id, pad_to=width if fixed_length else None,
                                              negatives_only=negatives_only)
@@ -66,7 +104,10 @@ class DFTDataModule(pl.LightningDataModule):
         self.init_global_step = 0
         self.data_sampler = DFTDataSampler(
             group_size=train.settings.num_negatives + (0 if negatives_only else 1),
-            seq_len=width,
+            pad_id=pad_id,
+            pack_length=pack_length if packing else None,
+            negatives_only=negatives_only,
+            seq_len=self.seq_length,
             micro_batch_size=micro_batch_size,
             global_batch_size=global_batch_size,
             dataloader_type="single",

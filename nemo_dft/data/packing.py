@@ -55,6 +55,65 @@ def plan_rows(group_lengths: Sequence[int], pack_length: int) -> list[list[int]]
     return [sorted(row) for row in rows]
 
 
+def _group_positions(item: dict[str, Any]) -> int:
+    return sum(len(pair.prompt) + len(pair.response) - 1 for pair in item["pairs"])
+
+
+def without_positives(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups with their negatives only (the offline scoring pass: nothing reads a positive's
+    reference score); packed, group g's negatives are then sequences g*m .. g*m + m - 1."""
+    return [{**item, "pairs": item["pairs"][1:]} for item in items]
+
+
+def pack_negatives(items: list[dict[str, Any]], pad_id: int, pad_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """:func:`pack_groups` of the groups' negatives alone (see :func:`without_positives`)."""
+    return pack_groups(without_positives(items), pad_id, pad_multiple=pad_multiple)
+
+
+def pack_step(items: list[dict[str, Any]], pad_id: int, pack_length: int) -> list[dict[str, torch.Tensor]]:
+    """A data-parallel rank's groups of one optimizer step as rows of exactly ``pack_length``
+    positions (pipeline parallelism's layout): each row is one micro-batch of whole groups
+    (:func:`plan_rows`), so the step has as many micro-batches as rows.
+
+    Groups are planned per run of consecutive groups of one epoch, runs in order: within a run
+    every example is distinct, so reordering it changes no u update; an example that recurs in
+    the next epoch (a step crossing an epoch boundary) still comes after its earlier occurrence.
+    Each row also carries ``last_row`` (a bool tensor), true on the step's last row.
+    """
+    rows: list[dict[str, torch.Tensor]] = []
+    start = 0
+    while start < len(items):
+        end = start + 1
+        while end < len(items) and items[end]["epoch"] == items[start]["epoch"]:
+            end += 1
+        run = items[start:end]
+        for row in plan_rows([_group_positions(item) for item in run], pack_length):
+            rows.append(pack_groups([run[g] for g in row], pad_id, width=pack_length))
+        start = end
+    for r, row in enumerate(rows):  # the u table's exchanges of a step crossing epochs key on the last row
+        row["last_row"] = torch.tensor(r == len(rows) - 1)
+    return rows
+
+
+class StepGroups:
+    """A micro-batch's groups left unpacked by the data loader (``data.pack_length``): the data
+    sampler packs a whole step's groups into rows (:func:`pack_step`) once it holds them all.
+    A plain holder, so that collection utilities pass it through untouched."""
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self.groups = groups
+
+
+UNPACKED = "unpacked_groups"
+
+
+def keep_groups(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The collate function of ``data.pack_length``: the groups, unpacked (see :class:`StepGroups`),
+    beside their ``example_index`` (Lightning reads a batch's size from its first tensor)."""
+    return {UNPACKED: StepGroups(list(items)),
+            "example_index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+
+
 def pack_groups(items: list[dict[str, Any]], pad_id: int, width: int | None = None,
                 pad_multiple: int = 8) -> dict[str, torch.Tensor]:
     """Lay the groups of ``items`` end to end in one row (shape [1, width]).
@@ -155,14 +214,18 @@ def is_packed(batch: dict[str, torch.Tensor]) -> bool:
 
 
 def packed_negative_sub_batch(batch: dict[str, torch.Tensor], group_size: int,
-                              pad_multiple: int = 8) -> dict[str, torch.Tensor]:
+                              pad_multiple: int = 8, width: int | None = None) -> dict[str, torch.Tensor]:
     """The negatives of a packed row, packed again on their own (the reference scores only them):
     ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``segment_ids`` (0 .. B * m - 1, group
-    g's negatives at g*m .. g*m + m - 1) and ``cu_seqlens``."""
+    g's negatives at g*m .. g*m + m - 1) and ``cu_seqlens``.  ``width`` fixes the row length (the
+    pipelined reference needs one shape for all of a step's micro-batches; see
+    :func:`packed_negative_positions`); otherwise it is the total rounded up to ``pad_multiple``."""
     segments = batch["segment_ids"][0]
     keep = (segments >= 0) & (segments % group_size != 0)
     total = int(keep.sum())
-    width = _round_up(max(total, 1), pad_multiple)
+    width = _round_up(max(total, 1), pad_multiple) if width is None else width
+    if total > width:
+        raise ValueError(f"{total} negative positions do not fit a packed row of {width}")
     sub: dict[str, torch.Tensor] = {}
     for key, fill in (("tokens", 0), ("labels", 0), ("loss_mask", 0), ("position_ids", 0)):
         row = batch[key].new_full((1, width), fill)
@@ -175,3 +238,9 @@ def packed_negative_sub_batch(batch: dict[str, torch.Tensor], group_size: int,
     lengths = torch.bincount(renumbered, minlength=int(batch["lengths"].numel() // group_size * (group_size - 1)))
     sub["cu_seqlens"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
     return sub
+
+
+def packed_negative_positions(batch: dict[str, torch.Tensor], group_size: int) -> int:
+    """How many positions the negatives of a packed row fill (before padding)."""
+    segments = batch["segment_ids"][0]
+    return int(((segments >= 0) & (segments % group_size != 0)).sum())

@@ -6,7 +6,11 @@ truncation), with the initial weights of ``model.init_from``.  Only the negative
 loss reads the reference's log-prob of each negative (d = s/tau - s_ref) and nothing reads the
 positives', so their rows are left out of the pass.  Every micro-batch is padded to
 ``data.max_length``, so a sequence's score does not depend on which batch it lands in, and a
-resumed pass reproduces the uninterrupted one.
+resumed pass reproduces the uninterrupted one bit for bit.  With ``data.packing`` the negatives are
+packed as training packs groups (one row per micro-batch, or rows of ``data.pack_length`` under
+pipeline parallelism), which computes only real positions; a score then depends on the row it
+shares only through fp32 rounding (about 1e-7 relative), so a resumed packed pass agrees with an
+uninterrupted one to that rounding rather than bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from nemo_dft.data.dataset import DFTGroupDataset
+from nemo_dft.data.packing import is_packed, packed_sequence_logps
 from nemo_dft.data.rows import negative_column
 from nemo_dft.modeling.logprob_model import LogProbGPTModel
 from nemo_dft.modeling.logprobs import sequence_logps
@@ -73,7 +78,11 @@ class _ScoringReduction(MegatronLossReduction):
         self._model = [model]
 
     def forward(self, batch: dict[str, torch.Tensor], forward_out: torch.Tensor):
-        sums, lengths = sequence_logps(forward_out, batch["loss_mask"])
+        if is_packed(batch):  # data.packing: the negatives end to end (one row, or rows of data.pack_length)
+            sums, lengths = packed_sequence_logps(forward_out, batch["loss_mask"], batch["segment_ids"],
+                                                  batch["lengths"].numel())
+        else:
+            sums, lengths = sequence_logps(forward_out, batch["loss_mask"])
         zero = (sums.sum() * 0.0).detach()
         return zero, torch.tensor(1, device=sums.device), {
             "logp": sums.detach(), "tokens": lengths.detach(),
@@ -221,7 +230,10 @@ def score(cfg: DictConfig, output: str | Path, groups_per_shard: int, signals: l
         gpt_config = make_gpt_config(cfg, on_gpu)
         model = ScoringModel(gpt_config, tokenizer=tokenizer)
         module = DFTDataModule(data, data, micro_batch_size=micro, global_batch_size=global_batch,
-                               pad_id=tokenizer.tokenizer.pad_token_id or 0, fixed_length=True, negatives_only=True)
+                               pad_id=tokenizer.tokenizer.pad_token_id or 0, negatives_only=True,
+                               # padded: always to max_length (scores independent of the batch)
+                               fixed_length=not cfg.data.packing or cfg.model.pipeline_model_parallel_size > 1,
+                               packing=cfg.data.packing, pack_length=cfg.data.pack_length)
         strategy = make_strategy(cfg, gpt_config, on_gpu)
         trainer = nl.Trainer(
             accelerator="gpu" if on_gpu else "cpu", devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,

@@ -76,7 +76,8 @@ class DFTLossReduction(MegatronLossReduction):
         """[B, m] summed response log-probs from per-token log-probs of the negative rows alone."""
         m = self.hparams.num_negatives
         if is_packed(batch):
-            negatives = packed_negative_sub_batch(batch, 1 + m)
+            # the pipelined reference pads every row of a step to one width: take the scores' own
+            negatives = packed_negative_sub_batch(batch, 1 + m, width=neg_token_logps.shape[-1])
             sums, _ = packed_sequence_logps(neg_token_logps, negatives["loss_mask"], negatives["segment_ids"],
                                             batch["lengths"].numel() // (1 + m) * m)
         else:
@@ -122,6 +123,8 @@ class DFTLossReduction(MegatronLossReduction):
             else:  # the frozen reference scored the negative rows only (B * m of them)
                 ref_neg = self.negative_scores(batch, batch["ref_neg_token_logps"])
         index = batch["example_index"]
+        # rows of data.pack_length in a step crossing epochs: earlier epochs' u reach every rank first
+        self.u_table.close_epochs_before(lambda: int(batch["epoch"][0]), group=_data_parallel_group())
         result = dft_loss(
             pos,
             neg,
@@ -134,6 +137,8 @@ class DFTLossReduction(MegatronLossReduction):
             with_metrics=False,
         )
         self.u_table.update(index, result.u, group=_data_parallel_group())
+        if "last_row" in batch:
+            self.u_table.close_epochs_after_last_row(lambda: bool(batch["last_row"]), group=_data_parallel_group())
         loss_sum = result.loss * examples
         stats["loss"] = loss_sum.detach()
         stats["u"], stats["weight"] = result.u.sum(), result.weights.mean(dim=-1).sum()

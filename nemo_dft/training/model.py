@@ -156,18 +156,26 @@ class DFTModel(LogProbGPTModel):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Tell the u table how this step exchanges its updates (see nemo_dft.training.u_table)."""
-        self.u_table.begin_step(exchange_each_micro_batch=self._step_may_repeat_examples())
+        crossing, epochs = self._step_epochs()
+        packed_rows = getattr(self._data_sampler(), "pack_length", None) is not None
+        self.u_table.begin_step(exchange_each_micro_batch=crossing,
+                                epochs=(epochs or [0]) if packed_rows else None)
 
-    def _step_may_repeat_examples(self) -> bool:
-        """True when this step's global batch crosses an epoch boundary (or its position is unknown)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        sampler = getattr(datamodule, "data_sampler", None)
+    def _data_sampler(self):
+        return getattr(getattr(self.trainer, "datamodule", None), "data_sampler", None)
+
+    def _step_epochs(self) -> tuple[bool, list[int] | None]:
+        """(does this step's global batch cross an epoch boundary, the epochs it spans); the
+        position unknown: (True, None)."""
+        sampler = self._data_sampler()
         if sampler is None or getattr(sampler, "rampup_batch_size", None) is not None:
-            return True
+            return True, None
         global_batch = sampler.global_batch_size
         steps = self.trainer.global_step - sampler.init_global_step
         first_item = sampler.init_consumed_samples + steps * global_batch
-        return step_crosses_epoch(first_item, global_batch, len(self.u_table))
+        crossing = step_crosses_epoch(first_item, global_batch, len(self.u_table))
+        n = len(self.u_table)
+        return crossing, list(range(first_item // n, (first_item + global_batch - 1) // n + 1))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _sync_u_table_across_pipeline(self.u_table)

@@ -5,7 +5,8 @@ several, each stage holds only its layers of the reference, so scoring needs the
 activations like the policy does.  Nesting a second pipeline schedule inside the policy's would
 deadlock (the later stages wait in their receive while the first stage starts the nested pass), so
 the reference pass runs just before the policy's schedule: this callback takes the step's
-micro-batches from the data iterator, lets megatron's forward-only schedule run the reference
+micro-batches from the data iterator once the data sampler has set the step up (rows of
+``data.pack_length`` are packed there), lets megatron's forward-only schedule run the reference
 stages over them, attaches the per-token log-probs of the negative rows on the last stage
 (``batch["ref_neg_token_logps"]``, the same key the single-stage path fills: the positives'
 reference scores are never used, so only the B * m negative rows go through the reference) and
@@ -14,7 +15,6 @@ hands the same micro-batches to the policy's step.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +23,18 @@ import torch
 
 from nemo_dft.modeling.logprob_model import logprob_data_step, packed_aware_forward
 from nemo_dft.modeling.logprobs import select_negatives, token_logps
+
+
+def _negatives(batches: list[dict[str, torch.Tensor]], group_size: int) -> list[dict[str, torch.Tensor]]:
+    """Each micro-batch's negative rows; packed rows are re-packed to one width for the whole step
+    (the longest negatives of any row, rounded up to 8), since a pipeline needs one shape."""
+    if "segment_ids" not in batches[0]:
+        return [select_negatives(batch, group_size) for batch in batches]
+    from nemo_dft.data.packing import packed_negative_positions, packed_negative_sub_batch
+
+    longest = max(packed_negative_positions(batch, group_size) for batch in batches)
+    width = -(-max(longest, 1) // 8) * 8
+    return [packed_negative_sub_batch(batch, group_size, width=width) for batch in batches]
 
 
 def _unwrap(item: Any) -> dict[str, torch.Tensor]:
@@ -46,7 +58,7 @@ def score_micro_batches(reference: torch.nn.Module, batches: list[dict[str, torc
 
         return output, collect
 
-    negatives = [select_negatives(batch, group_size) for batch in batches]
+    negatives = _negatives(batches, group_size)
     tokens = negatives[0]["tokens"]
     with torch.no_grad():
         outputs = get_forward_backward_func()(
@@ -72,14 +84,14 @@ class PipelinedReference(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._model = pl_module
 
-    def on_megatron_step_start(self, step):
+    def on_megatron_microbatches_start(self, step) -> None:
+        """After every ``on_megatron_step_start`` transform (the data sampler's included), just
+        before the policy's schedule reads ``step.data``."""
         model = self._model
         if step.forward_only or model is None or not model.uses_pipelined_reference():
-            return step
-        from megatron.core.num_microbatches_calculator import get_num_microbatches
-
-        items = [next(step.data) for _ in range(get_num_microbatches())]
+            return
+        items = [next(step.data) for _ in range(step.num_microbatches)]
         model.setup_reference()
         score_micro_batches(model.reference_module(), [_unwrap(item) for item in items], model.on_last_stage(),
                             1 + model.dft.num_negatives)
-        return dataclasses.replace(step, data=iter(items))
+        step.data = iter(items)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_dft.config.training import ConfigError, data_parallel_size
+from nemo_dft.config.training import ConfigError, data_parallel_size, uses_pack_length
 from nemo_dft.data.dataset import DFTGroupDataset, group_settings
 from nemo_dft.data.io import read_rows, write_text_atomic
 from nemo_dft.modeling.runtime import enable_device, make_strategy, slurm_plugins
@@ -162,7 +162,8 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     if cfg.data.packing:
         from nemo_dft.modeling.packed_attention import resolve_window
 
-        row = cfg.model.micro_batch_size * (1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)
+        group = (1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)
+        row = cfg.data.pack_length or cfg.model.micro_batch_size * group
         try:
             resolve_window(gpt_config, row, transformer_engine=on_gpu)
         except ValueError as err:
@@ -170,7 +171,9 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     # SFT's loss is a token mean over the global batch: megatron then divides the gradients by the
     # token count summed over micro-batches and data-parallel ranks (set either way: a checkpoint's
     # own config, model.preset=checkpoint, may carry the other objective's value)
-    gpt_config.calculate_per_token_loss = cfg.dft.objective == "sft"
+    # Rows of data.pack_length hold a varying number of prompts, so DFT's mean over prompts is
+    # taken the same way: each micro-batch returns its summed loss and its prompt count.
+    gpt_config.calculate_per_token_loss = cfg.dft.objective == "sft" or uses_pack_length(cfg)
     optim = MegatronOptimizerModule(
         config=OptimizerConfig(
             optimizer="adam",
@@ -215,6 +218,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
         fixed_length=cfg.model.pipeline_model_parallel_size > 1,
         packing=cfg.data.packing,
+        pack_length=cfg.data.pack_length if cfg.data.packing else None,
     )
     from nemo_dft.platform.memory import ddp_config
     from nemo_dft.training.strategy import DFTMegatronStrategy

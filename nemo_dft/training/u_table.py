@@ -16,9 +16,21 @@ per-micro-batch exchange produced.  A step whose global batch crosses an epoch b
 the same example twice (once per epoch), where a later micro-batch must see the earlier one's
 update: for such a step (:func:`step_crosses_epoch`) the values are exchanged after every
 micro-batch, as before.
+
+Rows of ``data.pack_length`` give the ranks different numbers of micro-batches of different
+sizes, so no per-micro-batch collective can line up.  There a crossing step exchanges once per
+epoch instead: a row holds groups of one epoch only and a rank trains the earlier epoch's rows
+first, so before the first lookup of a later epoch every rank sends all its updates so far
+(:meth:`UTable.close_epochs_before`), and a rank with no rows of that epoch sends them after its
+last row (:meth:`UTable.close_epochs_after_last_row`).  Both happen inside the micro-batches'
+forward passes, before megatron's gradient reduction, so every rank makes the same collectives in
+the same order; a recurring example reads its earlier occurrence's value, as one process
+training the groups in order would.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,6 +52,8 @@ class UTable:
         self.exchange_each_micro_batch = True  # until begin_step says otherwise (safe default)
         self._pending: list[torch.Tensor] = []  # [2, b] (index, u) of this rank's micro-batches this step
         self.exchanges = 0  # all-gathers done, for tests
+        self._uneven = False  # rows of data.pack_length: exchanges that allow per-rank sizes to differ
+        self._open_epochs: list[int] = []  # earlier epochs of a crossing step not yet exchanged
 
     def __len__(self) -> int:
         return self.values.numel()
@@ -52,11 +66,38 @@ class UTable:
     def lookup(self, index: torch.Tensor) -> torch.Tensor:
         return self.values[index.to(self.values.device, non_blocking=True)].to(index.device, non_blocking=True)
 
-    def begin_step(self, exchange_each_micro_batch: bool) -> None:
+    def begin_step(self, exchange_each_micro_batch: bool, epochs: Sequence[int] | None = None) -> None:
         """Start an optimizer step: exchange per micro-batch (a step crossing an epoch boundary)
-        or once at :meth:`end_step`."""
+        or once at :meth:`end_step`.  ``epochs`` (rows of ``data.pack_length``): the epochs a
+        crossing step's global batch spans; the step then exchanges once per epoch instead."""
         self._pending = []
-        self.exchange_each_micro_batch = exchange_each_micro_batch
+        self._uneven = epochs is not None
+        self.exchange_each_micro_batch = exchange_each_micro_batch and not self._uneven
+        self._open_epochs = sorted(epochs)[:-1] if epochs is not None else []
+
+    def close_epochs_before(self, epoch: Callable[[], int], group: dist.ProcessGroup | None = None) -> None:
+        """Before a micro-batch's lookup (rows of ``data.pack_length``): exchange this rank's
+        updates so far once for every earlier epoch of the step not yet closed.  ``epoch`` gives
+        the micro-batch's epoch; it is read (one host copy) only in a step that crosses epochs."""
+        if not self._open_epochs or not _distributed(group):
+            return
+        current = epoch()
+        while self._open_epochs and self._open_epochs[0] < current:
+            self._close_epoch(group)
+
+    def close_epochs_after_last_row(self, last_row: Callable[[], bool], group: dist.ProcessGroup | None = None) -> None:
+        """After a micro-batch's update (rows of ``data.pack_length``): on the step's last row,
+        exchange once for every epoch still open (those after this rank's rows), so that every
+        rank has made all of the step's per-epoch exchanges before the gradient reduction."""
+        if not self._open_epochs or not _distributed(group) or not last_row():
+            return
+        while self._open_epochs:
+            self._close_epoch(group)
+
+    def _close_epoch(self, group: dist.ProcessGroup) -> None:
+        self._open_epochs.pop(0)
+        pending, self._pending = self._pending, []
+        self._exchange_uneven(pending, group)
 
     def update(self, index: torch.Tensor, u_new: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
         """Write ``u_new`` for ``index`` on this rank now; on every rank of ``group`` now (per
@@ -73,6 +114,13 @@ class UTable:
 
     def end_step(self, group: dist.ProcessGroup | None = None) -> None:
         """The step's one exchange: every rank writes every rank's new values of the step."""
+        if self._uneven and _distributed(group):  # rows of data.pack_length: per-rank sizes differ
+            if self._open_epochs:
+                raise RuntimeError(f"u table: epochs {self._open_epochs} of a step crossing epochs were not exchanged "
+                                   "before its end (no row marked last_row)")
+            pending, self._pending = self._pending, []
+            self._exchange_uneven(pending, group)
+            return
         pending, self._pending = self._pending, []
         if pending and _distributed(group):
             self._exchange(pending, group)
@@ -89,6 +137,22 @@ class UTable:
         self.exchanges += 1
         both = torch.cat(gathered, dim=1)
         self.values[both[0].long()] = both[1].float()
+
+    def _exchange_uneven(self, parts: list[torch.Tensor], group: dist.ProcessGroup) -> None:
+        """All-gather of per-rank updates of different sizes (none included): padded to the
+        largest with index -1, which no rank writes."""
+        dtype = torch.float64 if len(self) >= 2**24 else torch.float32
+        packed = torch.cat(parts, dim=1) if parts else torch.empty(2, 0, dtype=dtype, device=self.values.device)
+        size = torch.tensor([packed.shape[1]], device=packed.device)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
+        padding = packed.new_full((2, int(size) - packed.shape[1]), -1)
+        gathered = [torch.empty(2, int(size), dtype=packed.dtype, device=packed.device)
+                    for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, torch.cat([packed, padding], dim=1), group=group)
+        self.exchanges += 1
+        both = torch.cat(gathered, dim=1)
+        keep = both[0] >= 0
+        self.values[both[0][keep].long()] = both[1][keep].float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.detach().cpu().clone()}

@@ -208,6 +208,31 @@ def test_memory_plan_script_prints_every_component() -> None:
     assert "48.7 GB of 80 GB: fits" in result.stdout  # the number docs/cluster.md quotes
 
 
+def test_memory_plan_of_packed_rows_counts_one_row_of_the_pack_length() -> None:
+    """data.pack_length under PP: a micro-batch is one row of pack_length positions, planned as
+    the module plans a micro-batch of one 4096-token sequence."""
+    import re
+    import subprocess
+    import sys
+
+    from nemo_dft.training.memory_plan import Layout, ModelShape, memory_per_gpu
+    from tests.conftest import subprocess_env
+
+    command = [sys.executable, "scripts/memory_plan.py", "--config", "conf/dft_mistral.yaml", "data.packing=true",
+               "data.pack_length=4096", "model.pipeline_model_parallel_size=2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "one packed row of 4096 positions (data.pack_length) per micro-batch" in result.stdout
+    printed = float(re.search(r"activations\s+([\d.]+) GB", result.stdout).group(1))
+    shape = ModelShape(parameters=mistral_7b_parameters(), layers=MISTRAL_7B["layers"], hidden=MISTRAL_7B["hidden"],
+                       vocab=MISTRAL_7B["vocab"])
+    m = load_recipe("dft_mistral.yaml").model
+    row = Layout(tensor_parallel=2, pipeline_parallel=2, data_parallel=4, micro_batch_prompts=1, sequences_per_prompt=1,
+                 sequence_length=4096, micro_batches_per_step=32, frozen_reference=True, precision=m.precision,
+                 recompute=m.recompute_granularity, sequence_parallel=m.sequence_parallel)
+    assert printed == pytest.approx(memory_per_gpu(shape, row)["activations"] / 1e9, abs=0.05)
+
+
 def test_metamath_lengths_keep_256_token_negatives_whole() -> None:
     cfg = load_recipe("dft_metamath.yaml")
     # The Alpaca response is " " + sample + eos: up to two tokens beyond the sample.

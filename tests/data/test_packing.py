@@ -9,7 +9,7 @@ import torch
 
 from nemo_dft.data.collate import collate_groups
 from nemo_dft.data.lengths import group_input_lengths
-from nemo_dft.data.packing import pack_groups, packed_sequence_logps, plan_rows, real_fraction
+from nemo_dft.data.packing import pack_groups, pack_step, packed_sequence_logps, plan_rows, real_fraction
 from nemo_dft.data.tokenize import TokenizedPair
 from nemo_dft.modeling.logprobs import sequence_logps
 
@@ -67,6 +67,31 @@ def test_rows_hold_whole_groups_within_the_pack_length():
     assert all(sum(sizes[g] for g in row) <= 120 for row in rows)
     with pytest.raises(ValueError, match="does not fit data.pack_length=50"):
         plan_rows([60], 50)
+
+
+def test_a_step_packs_into_rows_of_the_pack_length_whole_groups_in_epoch_order():
+    """data.pack_length: every row has exactly pack_length positions, every group of the step is in
+    exactly one row, whole and as the padded layout has it, and the groups of a later epoch (a step
+    crossing an epoch boundary, where an example may recur) all come after the earlier epoch's."""
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    items = random_items(23, 2, generator)
+    for g, item in enumerate(items):
+        item["epoch"] = 0 if g < 15 else 1
+        item["index"] = g % 15  # examples 0..7 recur in the next epoch
+    rows = pack_step(items, pad_id=0, pack_length=96)
+    assert len(rows) > 1 and all(row["tokens"].shape == (1, 96) for row in rows)
+    order = [(int(e), int(i)) for row in rows for e, i in zip(row["epoch"], row["example_index"], strict=True)]
+    assert sorted(order) == sorted((item["epoch"], item["index"]) for item in items)
+    epochs = [e for e, _ in order]
+    assert epochs == sorted(epochs)
+    by_key = {(item["epoch"], item["index"]): item for item in items}
+    for row in rows:
+        groups = [by_key[(int(e), int(i))] for e, i in zip(row["epoch"], row["example_index"], strict=True)]
+        expected = pack_groups(groups, pad_id=0, width=96)
+        for key in ("tokens", "labels", "loss_mask", "segment_ids", "cu_seqlens", "lengths"):
+            assert torch.equal(row[key], expected[key]), key
+    real = sum(int(row["lengths"].sum()) for row in rows)
+    assert real == sum(len(p.prompt) + len(p.response) - 1 for item in items for p in item["pairs"])
 
 
 @pytest.fixture(scope="module")

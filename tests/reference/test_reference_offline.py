@@ -88,12 +88,22 @@ def test_scores_match_an_hf_forward_pass(setup):
             assert scores[key] == pytest.approx(expected, rel=1e-5, abs=1e-4), key
 
 
-@pytest.mark.parametrize("layout", ["model.tensor_model_parallel_size=2", "model.pipeline_model_parallel_size=2",
-                                    "model.micro_batch_size=4"], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", [
+    ["model.tensor_model_parallel_size=2"], ["model.pipeline_model_parallel_size=2"], ["model.micro_batch_size=4"],
+    # packed negatives: one row per micro-batch, and rows of data.pack_length under PP
+    ["model.micro_batch_size=4", "data.packing=true"],
+    ["model.pipeline_model_parallel_size=2", "data.packing=true", "data.pack_length=384"],
+], ids=["tp2", "pp2", "dp2", "dp2_packed", "pp2_packed_rows"])
 def test_parallel_layouts_score_alike(setup, layout, tmp_path):
     scored = tmp_path / "scores.parquet"
     ok(script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={scored}",
-              "trainer.devices=2", "model.micro_batch_size=8", layout, nproc=2))
+              "trainer.devices=2", "model.micro_batch_size=8", *layout, nproc=2))
+    import pyarrow.parquet as pq
+
+    def token_counts(path: Path) -> dict:
+        return {(r["id"], r["epoch"], r["column"]): r["tokens"] for r in pq.read_table(path).to_pylist()}
+
+    assert token_counts(scored) == token_counts(setup["tp1"])
     ours, reference = read_scores(scored), read_scores(setup["tp1"])
     assert ours.keys() == reference.keys() and len(ours) == 512 * 2 * 2
     keys = sorted(reference)

@@ -52,3 +52,27 @@ def test_one_exchange_per_step_equals_one_per_micro_batch(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(each_seen, once_seen, strict=True))
     assert torch.equal(saved["tables"][0], saved["tables"][1])
     assert not torch.equal(once_table, torch.full_like(once_table, 0.25))  # the steps did update u
+
+
+@pytest.mark.slow
+def test_rows_of_uneven_micro_batches_exchange_once_per_epoch(tmp_path, monkeypatch):
+    """data.pack_length: 2 gloo ranks train 3 steps that each cross an epoch boundary (10 examples,
+    12 per step, so examples recur within a step, on the same or the other rank), in micro-batches
+    whose number and size differ between the ranks.  Every looked-up u and both final tables equal
+    one process training every item in order; each step makes one exchange per epoch it spans."""
+    from torch import multiprocessing
+
+    from tests.training.workers.u_exchange import ROW_EXAMPLES, ROW_GLOBAL, ROW_STEPS, main, sequential_rows
+
+    monkeypatch.setenv("ROW_SEED", str(int(torch.randint(0, 2**31, ()).item())))
+    out = tmp_path / "out.pt"
+    multiprocessing.spawn(main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2)
+    saved = torch.load(out, weights_only=False)
+    expected_table, expected_seen = sequential_rows()
+    for table in saved["row_tables"]:
+        torch.testing.assert_close(table, expected_table, rtol=0, atol=0)
+    seen = {**saved["row_seen"][0], **saved["row_seen"][1]}
+    assert seen.keys() == expected_seen.keys()
+    assert all(seen[key] == expected_seen[key] for key in expected_seen), seen
+    spans = sum(len({i // ROW_EXAMPLES for i in range(s * ROW_GLOBAL, (s + 1) * ROW_GLOBAL)}) for s in range(ROW_STEPS))
+    assert saved["row_exchanges"] == spans
