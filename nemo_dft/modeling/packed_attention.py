@@ -75,14 +75,19 @@ def resolve_window(config, row_length: int, *, transformer_engine: bool) -> None
     config.window_size = None
 
 
-def thd_packed_seq_params(cu_seqlens: torch.Tensor):
-    """megatron-core ``PackedSeqParams`` (THD) for one packed row's sequence boundaries.
+def thd_packed_seq_params(cu_seqlens: torch.Tensor, width: int):
+    """megatron-core ``PackedSeqParams`` (THD) for one packed row of ``width`` positions.
 
-    UNTESTED on CPU (Transformer Engine only); mirrors what NeMo 2's packed SFT passes to the model.
+    The row's tail padding becomes one more sequence, so the boundaries cover every position:
+    a varlen kernel leaves positions past the last boundary unwritten, and an uninitialised value
+    there would reach the per-sequence sums as NaN * 0.  UNTESTED with Transformer Engine (no GPU
+    here); mirrors what NeMo 2's packed SFT passes to the model.
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu_seqlens = cu_seqlens.to(torch.int32)
+    if int(cu_seqlens[-1]) < width:
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([width])])
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
@@ -92,7 +97,8 @@ def packed_forward_kwargs(batch: dict[str, torch.Tensor], transformer_engine: bo
     """The model's attention arguments for a packed batch: THD ``packed_seq_params`` with
     Transformer Engine, else the block-diagonal causal mask (local spec)."""
     if transformer_engine:
-        return {"attention_mask": None, "packed_seq_params": thd_packed_seq_params(batch["cu_seqlens"])}
+        return {"attention_mask": None,
+                "packed_seq_params": thd_packed_seq_params(batch["cu_seqlens"], batch["tokens"].shape[-1])}
     return {"attention_mask": block_causal_mask(batch["segment_ids"])}
 
 

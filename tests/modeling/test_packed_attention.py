@@ -50,3 +50,18 @@ def test_packed_row_matches_separate_sequences_on_the_local_spec(tmp_path):
     # for its own sliding-window mask when the config has one
     swapped = results["window_swapped"]
     assert (swapped["packed"] - swapped["separate"]).abs().max() > 1e-2
+
+
+def test_thd_boundaries_cover_the_whole_row():
+    """Transformer Engine's THD path: the row's tail padding is one more sequence, so every
+    position lies inside a boundary; a row without padding keeps its boundaries."""
+    from nemo_dft.data.packing import pack_groups
+    from nemo_dft.data.tokenize import TokenizedPair
+    from nemo_dft.modeling.packed_attention import thd_packed_seq_params
+
+    items = [{"index": 0, "epoch": 0, "pairs": [TokenizedPair([1, 2], [3, 4, 5]), TokenizedPair([1, 2], [6])]}]
+    row = pack_groups(items, pad_id=0, width=16)  # 4 + 2 real positions, 10 of padding
+    params = thd_packed_seq_params(row["cu_seqlens"], row["tokens"].shape[-1])
+    assert params.cu_seqlens_q.tolist() == [0, 4, 6, 16] and params.max_seqlen_q == 10
+    exact = pack_groups(items, pad_id=0, width=6)
+    assert thd_packed_seq_params(exact["cu_seqlens"], 6).cu_seqlens_q.tolist() == [0, 4, 6]
