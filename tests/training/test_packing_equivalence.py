@@ -24,7 +24,14 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_child, script_command
-from tests.training.test_parallel_layouts import assert_same_training, full_parameters, last_checkpoint, launch
+from tests.training.test_parallel_layouts import (
+    INIT,
+    assert_same_training,
+    full_parameters,
+    last_checkpoint,
+    launch,
+    layout_overrides,
+)
 
 # (rtol, atol) on losses, u, grad norms and parameters, elementwise (measured, see the docstring)
 TOLERANCE = {"dft2": (1e-5, 1e-6), "frozen": (5e-5, 5e-6), "offline": (2e-4, 2e-5)}
@@ -56,11 +63,9 @@ def training_result(run_dir: Path, out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def packed_runs(tmp_path_factory):
+def packed_runs(tmp_path_factory, shared_runs):
     root = tmp_path_factory.mktemp("packing")
-    init = root / "init"
-    launch(init, 1, "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
-    init_ckpt = last_checkpoint(init).parent
+    init_ckpt = last_checkpoint(shared_runs.get(1, *INIT)).parent  # test_parallel_layouts.py's
     scores = root / "ref.parquet"
     scored = run_child(script_command("scripts/precompute_ref_logps.py", f"model.init_from={init_ckpt}",
                                       "data.num_epochs=1", "data.eval_path=null", f"output={scores}"))
@@ -71,10 +76,15 @@ def packed_runs(tmp_path_factory):
         runs = [(layout, packing, args) for layout, args in LAYOUTS.items() for packing in ("false", "true")]
         for layout, packing, layout_args in [*runs, ("pp2", "true", PIPELINE)]:
             name = f"{objective}_{layout}_packing_{packing}"
-            held_out = [f"data.eval_path={EVAL_PATH}"] if name in WITH_EVAL else []
-            launch(root / name, 2, "trainer.devices=2", f"model.init_from={init_ckpt}", f"data.packing={packing}",
-                   *layout_args, *extra, *held_out)
-            results[name] = training_result(root / name, root / f"{name}.pt")
+            if objective == "dft2" and packing == "false":  # test_parallel_layouts.py's DFT2 run of this layout
+                tp, dp = (2, 1) if layout == "tp2" else (1, 2)
+                run_dir = shared_runs.get(2, *layout_overrides(tp, 1, dp, 4, init_ckpt))
+            else:
+                held_out = [f"data.eval_path={EVAL_PATH}"] if name in WITH_EVAL else []
+                run_dir = root / name
+                launch(run_dir, 2, "trainer.devices=2", f"model.init_from={init_ckpt}", f"data.packing={packing}",
+                       *layout_args, *extra, *held_out)
+            results[name] = training_result(run_dir, root / f"{name}.pt")
     # 12 examples, 2 epochs, 8 prompts per step: step 2 holds the end of epoch 0 and the start of
     # epoch 1, so examples recur within it; its u crosses ranks once per epoch (u_table.py)
     subset = root / "twelve.jsonl"

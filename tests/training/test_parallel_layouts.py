@@ -94,18 +94,24 @@ def full_parameters(weights: Path, out: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("module.") and torch.is_tensor(v)}
 
 
+INIT = ("optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")  # the initial checkpoint every run starts from
+
+
+def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra: str) -> tuple[str, ...]:
+    return (f"trainer.devices={tp * pp * dp}", f"model.tensor_model_parallel_size={tp}",
+            f"model.pipeline_model_parallel_size={pp}", f"model.micro_batch_size={mb}",
+            f"model.init_from={init_ckpt}", *extra)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_runs):
     root = tmp_path_factory.mktemp("layouts")
-    init = root / "init"
-    launch(init, 1, "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
+    init = shared_runs.get(1, *INIT)
     init_ckpt = last_checkpoint(init).parent
     results = {}
     for name, (tp, pp, dp, mb) in LAYOUTS.items():
-        run_dir = root / name
-        launch(run_dir, tp * pp * dp, f"trainer.devices={tp * pp * dp}", f"model.tensor_model_parallel_size={tp}",
-               f"model.pipeline_model_parallel_size={pp}", f"model.micro_batch_size={mb}",
-               f"model.init_from={init_ckpt}", *EXTRA.get(name, []))
+        # shared with test_packing_equivalence.py where it runs the same layout
+        run_dir = shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         weights = last_checkpoint(run_dir)
         results[name] = {
