@@ -1,15 +1,16 @@
 """Packed and padded micro-batches train the same model (data.packing).
 
 From one initial checkpoint, 3 optimizer steps of the same global batch, padded and packed, for
-DFT with the frozen reference, DFT with the offline reference file and DFT2, at TP = 2 and DP = 2
-(fp32, CPU).  Every step's mean sequence scores (pos_logps, neg_logps) agree within 1e-5 relative
-(measured: at most 2.8e-6).  DFT2 then agrees within 1e-5 relative in losses, u, grad norms and
-parameters (measured 1e-7 to 9e-7).  DFT with a reference does not everywhere: its weights
-exp(s/tau - s_ref - u) act on summed scores (about -100 here) and its loss is a small difference
-of such terms, so the fp32 rounding of a differently shaped matrix product (a few 1e-7 of a
-score) is magnified.  Measured, elementwise: the frozen reference agrees within 2e-5 at DP = 2
-and PP = 2 and within 5e-5 at TP = 2 (held to 5e-5); the offline file, scored padded to
-max_length, differs by up to 1.0e-4 in the loss (held to 2e-4).  Under pipeline parallelism
+DFT with the frozen reference and DFT2 at TP = 2, DP = 2 and PP = 2, and DFT with the offline
+reference file at DP = 2 and PP = 2 (fp32, CPU).  Every step's mean sequence scores (pos_logps,
+neg_logps) agree within 1e-5 relative (measured: at most 2.8e-6).  DFT2 then agrees within 1e-5
+relative in losses, u, grad norms and parameters (measured 1e-7 to 9e-7).  DFT with a reference
+does not everywhere: its weights exp(s/tau - s_ref - u) act on summed scores (about -100 here)
+and its loss is a small difference of such terms, so the fp32 rounding of a differently shaped
+matrix product (a few 1e-7 of a score) is magnified.  Measured, elementwise: the frozen
+reference agrees within 2e-5 at DP = 2 and PP = 2 and within 5e-5 at TP = 2 (held to 5e-5); the
+offline file, scored padded to max_length, differs by up to 1.0e-4 in the loss (held to 2e-4;
+padded TP = 2 and DP = 2 runs with it already differ by 2.2e-5).  Under pipeline parallelism
 (PP = 2, data.pack_length rows of a varying number of groups, so a varying number of
 micro-batches per step) the packed run is compared with the padded DP = 2 run of the same global
 batch, and its held-out pass with the padded one's.
@@ -43,6 +44,9 @@ OBJECTIVES = {
     "offline": ["dft.ref_free=false", "dft.reference=offline", "dft.tau=1.0", "dft.gamma=0.85"],
 }
 LAYOUTS = {"tp2": ["model.tensor_model_parallel_size=2"], "dp2": []}
+# The offline file enters the loss the same way at every layout; packing under TP is covered by
+# DFT2 and the frozen reference, so offline runs at DP = 2 and PP = 2 only (keeps the suite short).
+NOT_RUN = {("offline", "tp2")}
 # Pipeline parallelism packs rows of data.pack_length (a varying number of whole groups each, so a
 # step's micro-batch count varies); its padded counterpart is the DP = 2 run of the same global
 # batch (the layouts agree: test_parallel_layouts.py).  The frozen-reference pair also compares
@@ -73,7 +77,8 @@ def packed_runs(tmp_path_factory, shared_runs):
     results = {}
     for objective, objective_args in OBJECTIVES.items():
         extra = [*objective_args, f"dft.ref_logps={scores}"] if objective == "offline" else objective_args
-        runs = [(layout, packing, args) for layout, args in LAYOUTS.items() for packing in ("false", "true")]
+        runs = [(layout, packing, args) for layout, args in LAYOUTS.items() for packing in ("false", "true")
+                if (objective, layout) not in NOT_RUN]
         for layout, packing, layout_args in [*runs, ("pp2", "true", PIPELINE)]:
             name = f"{objective}_{layout}_packing_{packing}"
             if objective == "dft2" and packing == "false":  # test_parallel_layouts.py's DFT2 run of this layout
@@ -97,9 +102,11 @@ def packed_runs(tmp_path_factory, shared_runs):
     return results
 
 
+COMPARED = [(o, lay) for o in sorted(OBJECTIVES) for lay in [*sorted(LAYOUTS), "pp2"] if (o, lay) not in NOT_RUN]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [*sorted(LAYOUTS), "pp2"])
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize(("objective", "layout"), COMPARED)
 def test_packed_matches_padded(packed_runs, objective, layout):
     padded = packed_runs[f"{objective}_{'dp2' if layout == 'pp2' else layout}_packing_false"]
     packed = packed_runs[f"{objective}_{layout}_packing_true"]
