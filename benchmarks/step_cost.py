@@ -157,12 +157,12 @@ def micro_batches(variant: str, step_groups: list[dict], scale: float):
             items = step_groups[first:first + micro]
             yield items, torch.tensor([item["index"] for item in items]), None
         return
-    from nemo_dft.data.packing import pack_step, packed_negative_positions
+    from nemo_dft.data.packing import pack_step, step_negative_width
 
     rows = pack_step(step_groups, pad_id=0, pack_length=pack_length(scale))
-    longest = max(packed_negative_positions(row, 1 + NUM_NEGATIVES) for row in rows)
+    width = step_negative_width(rows, 1 + NUM_NEGATIVES)
     for row in rows:
-        yield row, row["example_index"], -(-longest // 8) * 8
+        yield row, row["example_index"], width
 
 
 def run_variant(variant: str, steps: int, scale: float, seed: int, small: bool) -> dict:

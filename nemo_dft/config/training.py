@@ -234,15 +234,15 @@ def uses_pack_length(cfg: Any) -> bool:
 
 def _check_pack_length(cfg: Any) -> None:
     pipeline = cfg.model.pipeline_model_parallel_size > 1
+    smallest = (1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)  # the longest group's positions
     _require(not (cfg.data.packing and pipeline and cfg.data.pack_length is None), "data.pack_length",
              "packed rows under pipeline parallelism (model.pipeline_model_parallel_size > 1) need one length: "
-             f"set data.pack_length (at least {(1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)}, "
-             "(1 + dft.num_negatives) * (data.max_length - 1)), or data.packing=false")
+             f"set data.pack_length (at least {smallest}, (1 + dft.num_negatives) * (data.max_length - 1)), "
+             "or data.packing=false")
     if cfg.data.pack_length is None:
         return
     _require(cfg.data.packing, "data.pack_length", "is set but data.packing=false; set data.packing=true, "
              "or data.pack_length=null")
-    smallest = (1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)
     _require(isinstance(cfg.data.pack_length, int) and cfg.data.pack_length >= smallest, "data.pack_length",
              f"must be an integer of at least {smallest}, (1 + dft.num_negatives) * (data.max_length - 1), "
              f"so that every group fits a row; got {cfg.data.pack_length!r}")

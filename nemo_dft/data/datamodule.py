@@ -105,7 +105,7 @@ class DFTDataModule(pl.LightningDataModule):
         self.data_sampler = DFTDataSampler(
             group_size=train.settings.num_negatives + (0 if negatives_only else 1),
             pad_id=pad_id,
-            pack_length=pack_length if packing else None,
+            pack_length=pack_length,
             negatives_only=negatives_only,
             seq_len=self.seq_length,
             micro_batch_size=micro_batch_size,

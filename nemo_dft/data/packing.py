@@ -219,7 +219,7 @@ def packed_negative_sub_batch(batch: dict[str, torch.Tensor], group_size: int,
     ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``segment_ids`` (0 .. B * m - 1, group
     g's negatives at g*m .. g*m + m - 1) and ``cu_seqlens``.  ``width`` fixes the row length (the
     pipelined reference needs one shape for all of a step's micro-batches; see
-    :func:`packed_negative_positions`); otherwise it is the total rounded up to ``pad_multiple``."""
+    :func:`step_negative_width`); otherwise it is the total rounded up to ``pad_multiple``."""
     segments = batch["segment_ids"][0]
     keep = (segments >= 0) & (segments % group_size != 0)
     total = int(keep.sum())
@@ -240,7 +240,11 @@ def packed_negative_sub_batch(batch: dict[str, torch.Tensor], group_size: int,
     return sub
 
 
-def packed_negative_positions(batch: dict[str, torch.Tensor], group_size: int) -> int:
-    """How many positions the negatives of a packed row fill (before padding)."""
-    segments = batch["segment_ids"][0]
-    return int(((segments >= 0) & (segments % group_size != 0)).sum())
+def step_negative_width(batches: Sequence[dict[str, torch.Tensor]], group_size: int, pad_multiple: int = 8) -> int:
+    """One row width for the negatives of all of a step's packed rows (the pipelined reference
+    needs one shape): the most negative positions of any row, rounded up to ``pad_multiple``."""
+    def positions(batch: dict[str, torch.Tensor]) -> int:
+        segments = batch["segment_ids"][0]
+        return int(((segments >= 0) & (segments % group_size != 0)).sum())
+
+    return _round_up(max(max(positions(batch) for batch in batches), 1), pad_multiple)

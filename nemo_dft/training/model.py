@@ -21,7 +21,7 @@ from nemo_dft.modeling.logprobs import select_negatives, token_logps
 from nemo_dft.modeling.lora import AdapterFreeReference, LoRASettings, apply_lora
 from nemo_dft.platform.collectives import broadcast_from_last_stage
 from nemo_dft.training.loss_reduction import DFTHyperParameters, DFTLossReduction, summarize
-from nemo_dft.training.u_table import UTable, step_crosses_epoch
+from nemo_dft.training.u_table import UTable, step_epochs
 
 
 class DFTModel(LogProbGPTModel):
@@ -156,26 +156,23 @@ class DFTModel(LogProbGPTModel):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Tell the u table how this step exchanges its updates (see nemo_dft.training.u_table)."""
-        crossing, epochs = self._step_epochs()
+        epochs = self._step_epochs()
         packed_rows = getattr(self._data_sampler(), "pack_length", None) is not None
-        self.u_table.begin_step(exchange_each_micro_batch=crossing,
+        self.u_table.begin_step(exchange_each_micro_batch=epochs is None or len(epochs) > 1,
                                 epochs=(epochs or [0]) if packed_rows else None)
 
     def _data_sampler(self):
         return getattr(getattr(self.trainer, "datamodule", None), "data_sampler", None)
 
-    def _step_epochs(self) -> tuple[bool, list[int] | None]:
-        """(does this step's global batch cross an epoch boundary, the epochs it spans); the
-        position unknown: (True, None)."""
+    def _step_epochs(self) -> list[int] | None:
+        """The epochs this step's global batch spans; None when its position is unknown."""
         sampler = self._data_sampler()
         if sampler is None or getattr(sampler, "rampup_batch_size", None) is not None:
-            return True, None
+            return None
         global_batch = sampler.global_batch_size
         steps = self.trainer.global_step - sampler.init_global_step
         first_item = sampler.init_consumed_samples + steps * global_batch
-        crossing = step_crosses_epoch(first_item, global_batch, len(self.u_table))
-        n = len(self.u_table)
-        return crossing, list(range(first_item // n, (first_item + global_batch - 1) // n + 1))
+        return step_epochs(first_item, global_batch, len(self.u_table))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         _sync_u_table_across_pipeline(self.u_table)

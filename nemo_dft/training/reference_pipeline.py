@@ -30,10 +30,9 @@ def _negatives(batches: list[dict[str, torch.Tensor]], group_size: int) -> list[
     (the longest negatives of any row, rounded up to 8), since a pipeline needs one shape."""
     if "segment_ids" not in batches[0]:
         return [select_negatives(batch, group_size) for batch in batches]
-    from nemo_dft.data.packing import packed_negative_positions, packed_negative_sub_batch
+    from nemo_dft.data.packing import packed_negative_sub_batch, step_negative_width
 
-    longest = max(packed_negative_positions(batch, group_size) for batch in batches)
-    width = -(-max(longest, 1) // 8) * 8
+    width = step_negative_width(batches, group_size)
     return [packed_negative_sub_batch(batch, group_size, width=width) for batch in batches]
 
 

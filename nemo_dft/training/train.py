@@ -218,7 +218,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
         pad_id=tokenizer.tokenizer.pad_token_id or 0,
         fixed_length=cfg.model.pipeline_model_parallel_size > 1,
         packing=cfg.data.packing,
-        pack_length=cfg.data.pack_length if cfg.data.packing else None,
+        pack_length=cfg.data.pack_length,
     )
     from nemo_dft.platform.memory import ddp_config
     from nemo_dft.training.strategy import DFTMegatronStrategy

@@ -36,10 +36,15 @@ import torch
 import torch.distributed as dist
 
 
+def step_epochs(first_item: int, global_batch: int, num_examples: int) -> list[int]:
+    """The epochs that items ``first_item .. first_item + global_batch - 1`` (unrolled over epochs
+    of ``num_examples``) belong to."""
+    return list(range(first_item // num_examples, (first_item + global_batch - 1) // num_examples + 1))
+
+
 def step_crosses_epoch(first_item: int, global_batch: int, num_examples: int) -> bool:
-    """True when items ``first_item .. first_item + global_batch - 1`` (unrolled over epochs of
-    ``num_examples``) span more than one epoch, so that an example may occur twice in the step."""
-    return first_item // num_examples != (first_item + global_batch - 1) // num_examples
+    """True when the step's items span more than one epoch, so that an example may occur twice."""
+    return len(step_epochs(first_item, global_batch, num_examples)) > 1
 
 
 class UTable:
@@ -97,7 +102,7 @@ class UTable:
     def _close_epoch(self, group: dist.ProcessGroup) -> None:
         self._open_epochs.pop(0)
         pending, self._pending = self._pending, []
-        self._exchange_uneven(pending, group)
+        self._exchange(pending, group)
 
     def update(self, index: torch.Tensor, u_new: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
         """Write ``u_new`` for ``index`` on this rank now; on every rank of ``group`` now (per
@@ -114,45 +119,37 @@ class UTable:
 
     def end_step(self, group: dist.ProcessGroup | None = None) -> None:
         """The step's one exchange: every rank writes every rank's new values of the step."""
-        if self._uneven and _distributed(group):  # rows of data.pack_length: per-rank sizes differ
-            if self._open_epochs:
-                raise RuntimeError(f"u table: epochs {self._open_epochs} of a step crossing epochs were not exchanged "
-                                   "before its end (no row marked last_row)")
-            pending, self._pending = self._pending, []
-            self._exchange_uneven(pending, group)
-            return
+        if self._open_epochs and _distributed(group):
+            raise RuntimeError(f"u table: epochs {self._open_epochs} of a step crossing epochs were not exchanged "
+                               "before its end (no row marked last_row)")
         pending, self._pending = self._pending, []
-        if pending and _distributed(group):
+        if _distributed(group) and (pending or self._uneven):  # uneven: a rank without updates takes part too
             self._exchange(pending, group)
 
+    def _dtype(self) -> torch.dtype:
+        return torch.float64 if len(self) >= 2**24 else torch.float32  # indices exact in fp32 below 2**24
+
     def _pack(self, index: torch.Tensor, u_new: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if len(self) >= 2**24 else torch.float32  # indices exact in fp32 below 2**24
-        return torch.stack([index.to(dtype), u_new.to(dtype)])
+        return torch.stack([index.to(self._dtype()), u_new.to(self._dtype())])
 
     def _exchange(self, parts: list[torch.Tensor], group: dist.ProcessGroup) -> None:
-        # every rank of the group trains the same number of micro-batches of the same size
-        packed = torch.cat(parts, dim=1)
+        """All-gather of every rank's (index, u) columns; each rank writes them all.  Padded
+        micro-batches give every rank the same count.  Rows of ``data.pack_length`` (``_uneven``)
+        do not, and a rank may have none: each rank's part is padded to the largest with index -1,
+        which no rank writes."""
+        empty = torch.empty(2, 0, dtype=self._dtype(), device=self.values.device)
+        packed = torch.cat(parts, dim=1) if parts else empty
+        if self._uneven:
+            size = torch.tensor([packed.shape[1]], device=packed.device)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
+            packed = torch.cat([packed, packed.new_full((2, int(size) - packed.shape[1]), -1)], dim=1)
         gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, packed, group=group)
         self.exchanges += 1
         both = torch.cat(gathered, dim=1)
+        if self._uneven:
+            both = both[:, both[0] >= 0]
         self.values[both[0].long()] = both[1].float()
-
-    def _exchange_uneven(self, parts: list[torch.Tensor], group: dist.ProcessGroup) -> None:
-        """All-gather of per-rank updates of different sizes (none included): padded to the
-        largest with index -1, which no rank writes."""
-        dtype = torch.float64 if len(self) >= 2**24 else torch.float32
-        packed = torch.cat(parts, dim=1) if parts else torch.empty(2, 0, dtype=dtype, device=self.values.device)
-        size = torch.tensor([packed.shape[1]], device=packed.device)
-        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
-        padding = packed.new_full((2, int(size) - packed.shape[1]), -1)
-        gathered = [torch.empty(2, int(size), dtype=packed.dtype, device=packed.device)
-                    for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, torch.cat([packed, padding], dim=1), group=group)
-        self.exchanges += 1
-        both = torch.cat(gathered, dim=1)
-        keep = both[0] >= 0
-        self.values[both[0][keep].long()] = both[1][keep].float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"values": self.values.detach().cpu().clone()}
