@@ -12,6 +12,19 @@ unequal token counts per rank against one process, and without negatives against
 Adam divides each update by sqrt(v) + eps, so a weight whose gradient is ~1e-9 moves by about
 +-lr whatever the last bits of that gradient are; summation order differs between layouts, so
 the test uses eps = 1e-4 to compare what the layouts compute rather than that amplification.
+
+The u table of reference-based DFT is held to a tolerance derived from the scores' own, not to
+1e-5 of itself.  Each layout rounds the summed scores s and s_ref (about -20 to -100 here) a little
+differently: a matrix product of another shape, a sum over stages or micro-batches in another
+order, a CPU's own kernels.  The scores are held to ``rtol`` relative, so d = s/tau - s_ref moves by
+up to rtol * |s| * (1/tau + 1) (s_ref is about s: the policy starts at its reference).  u_i =
+logaddexp(log(1 - gamma) + u_i, log(gamma) + logmeanexp_j d_ij) is 1-Lipschitz in the largest
+change of its inputs, so after any number of updates u moves by at most as much.  Near the
+reference u itself is small (about 0.1), so 1e-5 of u asks of u a hundred times more than of the
+scores it came from: measured on an AVX-512 Xeon, LoRA at PP = 2 gave 4.2e-6 (2.8e-5 of u) and
+failed that.  ``reference_u_atol`` takes |s| as the largest per-step *mean* |negative score|, below
+the largest single one, so the bound is stricter than the derivation.  In DFT2 u is about
+s̄/tau, a relative tolerance on it is the scores' own, and it stays relative.
 """
 
 from __future__ import annotations
@@ -56,17 +69,18 @@ LAYOUTS = {
     "sft_tp1_pp1_dp2_mb2": (1, 1, 2, 2),
     "sft_nonegatives_tp1_pp1_dp1_mb4": (1, 1, 1, 4),
 }
+FROZEN_TAU = 1.0
+FROZEN = ["dft.ref_free=false", "dft.reference=frozen", f"dft.tau={FROZEN_TAU}", "dft.gamma=0.85"]
 EXTRA = {
     "tp1_pp1_dp2_mb4_distopt": ["model.use_distributed_optimizer=true", "model.overlap_grad_reduce=true",
                                 "model.overlap_param_gather=true"],
     "tp1_pp1_dp1_mb4_recompute": ["model.recompute_granularity=full", "model.recompute_method=uniform",
                                   "model.recompute_num_layers=1"],
     # reference-based DFT: the frozen reference scored on the fly (PP = 1) or in its own pipeline pass
-    "frozen_tp1_pp1_dp1_mb4": ["dft.ref_free=false", "dft.reference=frozen", "dft.tau=1.0", "dft.gamma=0.85"],
-    "frozen_tp1_pp2_dp1_mb4": ["dft.ref_free=false", "dft.reference=frozen", "dft.tau=1.0", "dft.gamma=0.85"],
+    "frozen_tp1_pp1_dp1_mb4": FROZEN,
+    "frozen_tp1_pp2_dp1_mb4": FROZEN,
 }
-LORA = ["dft.ref_free=false", "dft.reference=frozen", "dft.tau=1.0", "dft.gamma=0.85", "peft.scheme=lora",
-        "peft.dim=4"]
+LORA = [*FROZEN, "peft.scheme=lora", "peft.dim=4"]
 EXTRA.update({name: LORA for name in LAYOUTS if name.startswith("frozen_lora_")})
 EXTRA.update({name: ["peft.scheme=lora", "peft.dim=4"] for name in LAYOUTS if name.startswith("lora_")})
 EXTRA.update({name: ["dft.objective=sft"] for name in LAYOUTS if name.startswith("sft_")})
@@ -125,13 +139,24 @@ def runs(tmp_path_factory, shared_runs):
     return results
 
 
+def reference_u_atol(metrics: list[dict], tau: float, score_rtol: float) -> float:
+    """Absolute tolerance on u of reference-based DFT from the scores' relative one (module docstring)."""
+    score_scale = max(abs(m["neg_logps"]) for m in metrics)
+    return score_rtol * score_scale * (1.0 / tau + 1.0)
+
+
 def assert_same_training(base: dict, other: dict, label: str, rtol: float, atol: float, params: bool = True,
-                         metrics: tuple[str, ...] = METRICS) -> None:
+                         metrics: tuple[str, ...] = METRICS, u_atol: float | None = None) -> None:
+    """Metrics per step, the u table and every parameter agree; ``u_atol`` (reference-based DFT,
+    see :func:`reference_u_atol`) replaces ``atol`` for u."""
     for key in metrics:
         ours = torch.tensor([m[key] for m in other["metrics"]], dtype=torch.float64)
         ref = torch.tensor([m[key] for m in base["metrics"]], dtype=torch.float64)
         torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol, msg=f"{label}: {key} differs")
-    torch.testing.assert_close(other["u"], base["u"], rtol=rtol, atol=atol)
+    u_atol = atol if u_atol is None else u_atol
+    largest = (other["u"].double() - base["u"].double()).abs().max().item()
+    print(f"{label}: largest u difference {largest:.3g} (atol {u_atol:.3g}, rtol {rtol:g})")
+    torch.testing.assert_close(other["u"], base["u"], rtol=rtol, atol=u_atol, msg=f"{label}: u differs")
     if not params:
         return
     assert base["params"].keys() == other["params"].keys()
@@ -172,7 +197,8 @@ def test_recomputation_changes_nothing_but_memory(runs):
 def test_frozen_reference_under_pipeline_parallelism(runs):
     """The reference's own forward-only pipeline pass gives the PP = 1 losses, u and grad norms."""
     pp1, pp2 = runs["frozen_tp1_pp1_dp1_mb4"], runs["frozen_tp1_pp2_dp1_mb4"]
-    assert_same_training(pp1, pp2, "frozen reference PP=2", rtol=1e-5, atol=1e-6)
+    assert_same_training(pp1, pp2, "frozen reference PP=2", rtol=1e-5, atol=1e-6,
+                         u_atol=reference_u_atol(pp1["metrics"], FROZEN_TAU, 1e-5))
     # the reference changes the objective: DFT with it is not DFT2 on the same batches
     assert [m["loss"] for m in pp1["metrics"]] != [m["loss"] for m in runs["tp1_pp1_dp1_mb4"]["metrics"]]
 
@@ -183,7 +209,9 @@ def test_lora_layout_matches_single_process(runs, single, layout):
     """LoRA at TP = 2 (A and B split over the ranks) and PP = 2 (the adapter-free reference in its own
     pipeline pass) train the adapters like one process; the base weights stay those of the checkpoint."""
     single = runs[single]
-    assert_same_training(single, runs[layout], layout, rtol=1e-5, atol=1e-6)
+    with_reference = layout.startswith("frozen_")  # DFT with the adapter-free reference; the TP pair is DFT2
+    u_atol = reference_u_atol(single["metrics"], FROZEN_TAU, 1e-5) if with_reference else None
+    assert_same_training(single, runs[layout], layout, rtol=1e-5, atol=1e-6, u_atol=u_atol)
     adapters = [k for k in single["params"] if ".adapter." in k]
     assert adapters and all(torch.equal(v, runs["init"]["params"][k]) for k, v in single["params"].items()
                             if k not in adapters)
