@@ -20,7 +20,8 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   model.config.<field>                     any field of the NeMo GPT config (num_layers, hidden_size, ...)
   tokenizer.path                           HF tokenizer directory
   tokenizer.chat_template                  null (the tokenizer's own) | zephyr | alpaca | a Jinja template
-  optim.lr, optim.min_lr, optim.warmup_ratio, optim.weight_decay, optim.clip_grad
+  optim.lr, optim.min_lr                   learning rate; end of the cosine decay (default: optim.lr / 10)
+  optim.warmup_ratio, optim.weight_decay, optim.clip_grad
   dft.objective                            dft (default) | dft2 (= dft.ref_free=true) | sft (the baseline:
                                            token-mean NLL of the positives; dft.num_negatives=0: no negatives needed)
   dft.num_negatives, dft.tau, dft.gamma, dft.u_init, dft.ref_free, dft.per_epoch_negatives

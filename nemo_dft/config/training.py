@@ -4,6 +4,7 @@ command-line overrides, validated before any work starts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ class TokenizerConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    # End of the cosine decay; null: optim.lr / MIN_LR_DIVISOR, so that any lr a user types (1e-5 for
+    # fine-tuning) has a schedule; resolved in place by resolve_min_lr().
+    min_lr: float | None = None
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -283,11 +286,28 @@ def resolve_objective(cfg: DictConfig) -> None:
     d.ref_free = d.objective != "dft"
 
 
+MIN_LR_DIVISOR = 10  # the default optim.min_lr is optim.lr / 10 (3e-4 for the default 3e-3)
+
+
+def resolve_min_lr(cfg: DictConfig) -> None:
+    """Settle ``optim.min_lr`` in place: null becomes ``optim.lr / 10``, divided as the decimal the user
+    typed (3e-3 gives exactly the 3e-4 that earlier runs recorded, so they still resume); a value above
+    ``optim.lr`` is refused here, where NeMo's scheduler would refuse it only after building the model."""
+    o = cfg.optim
+    _require(o.lr >= 0, "optim.lr", f"must be >= 0, got {o.lr}")
+    if o.min_lr is None:
+        o.min_lr = float(Decimal(repr(o.lr)) / MIN_LR_DIVISOR)
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr",
+             f"{o.min_lr} must lie between 0 and optim.lr={o.lr} (the cosine schedule decays from optim.lr "
+             f"to optim.min_lr); lower optim.min_lr, or leave it null for optim.lr / {MIN_LR_DIVISOR}")
+
+
 def validate(cfg: DictConfig, check_files: bool = True) -> None:
     """Reject impossible settings before anything is built (``dft.objective`` is resolved first)."""
     from nemo_dft.objective import validate_hyperparameters
 
     resolve_objective(cfg)
+    resolve_min_lr(cfg)
     try:
         validate_hyperparameters(cfg.dft.tau, cfg.dft.gamma)
     except ValueError as err:

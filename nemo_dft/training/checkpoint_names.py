@@ -1,8 +1,13 @@
-"""Checkpoint names that count steps like metrics.jsonl and the messages do.
+"""Checkpoint names that count steps like metrics.jsonl and the messages do, and a final save
+that never depends on the checkpoint interval.
 
 NeMo logs ``step`` before the optimizer step, so its ``{step}`` in a checkpoint name is one less
 than the number of steps trained (``step=8-last`` after 9 steps).  Here the name uses the trainer's
 global step, the number of completed optimizer steps, as everything else does.
+
+NeMo's end-of-training save depends on the validation interval (``1.0 % global_step``), so a run of
+one step with ``checkpoint.every_n_steps`` above 1 ended with no checkpoint at all; the final step
+is saved here whatever the interval, so that every finished run can be resumed and exported.
 """
 
 from __future__ import annotations
@@ -16,3 +21,10 @@ class StepCheckpoint(nl.ModelCheckpoint):
         candidates = super()._monitor_candidates(trainer)
         candidates["step"] = torch.tensor(trainer.global_step)
         return candidates
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not trainer.fast_dev_run and trainer.global_step > 0:
+            candidates = self._monitor_candidates(trainer)
+            if self.last_model_path != self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST):
+                self._save_last_checkpoint(trainer, candidates)  # NeMo's own check then finds it saved
+        super().on_train_end(trainer, pl_module)
