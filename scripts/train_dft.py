@@ -75,13 +75,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0
-    from nemo_dft.training.train import read_checked_rows, train
+    from nemo_dft.training.train import read_checked_rows
 
     try:
         rows = read_checked_rows(cfg)  # before anything is written to run.dir
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from nemo_dft.training.run_lock import RunDirLock
+
+    lock = RunDirLock(cfg.run.dir) if console.process_rank() == 0 else None  # rank 0 speaks for the run
+    try:
+        if lock is not None:
+            warning = lock.acquire()  # before anything is written to run.dir
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+        return run(args, cfg, rows)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if lock is not None:
+            lock.release()  # success, exit 75, 2, 3 and errors alike
+
+
+def run(args: argparse.Namespace, cfg, rows: dict[str, list[dict]]) -> int:
+    """Train (or resume) under the run.dir lock; a run that already reached its final step is a no-op."""
+    from pathlib import Path
+
+    from nemo_dft.platform import console
+    from nemo_dft.training.finished_run import finished_run
+    from nemo_dft.training.train import train
+
+    finished = finished_run(Path(cfg.run.dir).resolve(), cfg, len(rows["data.path"]))
+    if finished is not None:
+        if console.process_rank() == 0:
+            print(f"run.dir {cfg.run.dir} finished at step {finished.step}; nothing to do", flush=True)
+        return 0
     from nemo_dft.config.summary import key_settings
 
     log_file = console.configure(cfg.run.dir, verbose=args.verbose)
@@ -93,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(cfg, rows)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except NonFiniteStep as err:
         print(f"error: {err}; the step was not applied and no checkpoint holds it; set "
               "trainer.nonfinite=skip to skip such steps", file=sys.stderr)

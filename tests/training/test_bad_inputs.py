@@ -79,6 +79,7 @@ CASES = {
     "objective_contradicts_ref_free": (["dft.objective=dft", "dft.ref_free=true"], ["dft.objective", "dft.ref_free"]),
     "objective_unknown": (["dft.objective=ppo"], ["dft.objective", "sft"]),
     "no_negatives_for_dft2": (["dft.objective=dft2", "dft.num_negatives=0"], ["dft.num_negatives", "sft"]),
+    "min_lr_above_lr": (["optim.lr=1e-5", "optim.min_lr=3e-4"], ["optim.min_lr", "optim.lr=1e-05"]),
 }
 
 
