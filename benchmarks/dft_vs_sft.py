@@ -181,6 +181,8 @@ class Benchmark:
                             f"add_bos={str(self.p.add_bos).lower()}")
         result = json.loads(out.read_text())
         summary = result.get("summary", result)
+        if summary["accuracy"] is None and summary.get("n_extracted") == 0:
+            summary["accuracy"] = 0.0  # no answer found in any generation: none is right, for the comparison
         log(f"  {name}: accuracy {summary['accuracy']:.3f}"
             + (f", rank_acc {summary['rank_acc']:.3f}" if summary.get("rank_acc") is not None else "")
             + f" (n={summary['n']})")

@@ -19,7 +19,8 @@ USAGE_KEYS = """settings (key=value):
   batch_size=16            prompts per generate call / sequences per scoring forward
   backend=auto             auto (vllm where installed, else hf) | vllm | hf
   limit=null               the first N rows only
-  negatives=null           at most N generated_k per row for the ranking (null: all present)
+  negatives=null           at most N generated_k per row for the ranking (null: a run.dir's dft.num_negatives,
+                           as its eval.jsonl ranks; otherwise all present)
   generate=true            false: ranking and log-probs only
   score=true               false: generation accuracy only
   chat_template=null       null (the tokenizer's own) | zephyr | alpaca | a Jinja template, as tokenizer.chat_template
@@ -31,7 +32,8 @@ USAGE_KEYS = """settings (key=value):
 directory first), or a training run.dir (its newest *-last checkpoint).
 --data: the training layout (real + optional generated_k) or prompts with answers (prompt/answer,
 question/answer, query/response, instruction/output, or messages).
-Output keys: n, accuracy, rank_acc (length-averaged; null without negatives), rank_acc_sum,
+Output keys: n, accuracy (null when the extractor found no answer in any generation), n_extracted
+(generations with an answer the extractor found), rank_acc (length-averaged; null without negatives), rank_acc_sum,
 mean_pos_logp (summed), mean_pos_logp_per_token, mean_neg_logp, n_ranked; --out adds the settings
 and one record per example (prediction, correct, log-probs).
 Exit codes: 0 done, 2 bad input (one error: line)."""
@@ -104,6 +106,28 @@ def model_kind(path: Path) -> tuple[str, Path]:
                       "(context/ and weights/) nor a run.dir with checkpoints/*-last")
 
 
+def run_negatives(path: Path) -> int | None:
+    """``dft.num_negatives`` of the training run in ``path`` (a run.dir with config.yaml), else None."""
+    saved = path / "config.yaml"
+    if not (saved.is_file() and (path / "checkpoints").is_dir()):
+        return None
+    try:
+        return int(OmegaConf.load(saved).dft.num_negatives)
+    except Exception as err:
+        raise ConfigError(f"--model: {saved} is unreadable ({err}); set negatives=N") from err
+
+
+def negatives_used(cfg: Any, model: Path) -> str:
+    """Settle ``cfg.negatives`` (null on a run.dir: the run's dft.num_negatives, so that rank_acc
+    is the trainer's held-out one) and say where the count came from."""
+    if cfg.negatives is not None:
+        return f"negatives={cfg.negatives}"
+    cfg.negatives = run_negatives(model)
+    if cfg.negatives is None:
+        return "negatives=all present in each row"
+    return f"negatives={cfg.negatives} (the run's dft.num_negatives; negatives=N to change)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from nemo_dft.evaluation.examples import load_examples
@@ -112,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_structured(EvalConfig, None, args.overrides)
         check_settings(cfg)
         kind, model_dir = model_kind(Path(args.model))
+        negatives = negatives_used(cfg, Path(args.model))
         if not Path(args.data).exists():
             raise ConfigError(f"--data: {args.data} does not exist")
         try:
@@ -139,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from nemo_dft.evaluation.report import table, write_results
 
-    print(f"evaluation of {args.model} on {args.data} (extract={cfg.extract}, backend={backend or 'none'}):")
+    print(f"evaluation of {args.model} on {args.data} (extract={cfg.extract}, backend={backend or 'none'}, "
+          f"{negatives}):")
     print(table(result.summary))
+    if result.summary["n_extracted"] == 0:
+        print(f"  accuracy is not reported: extract={cfg.extract} found no answer in any of the "
+              f"{result.summary['n']} generations (n_extracted 0); choose another extract= for this task")
     if args.out:
         settings = {"model": str(args.model), "data": str(args.data), "backend": backend,
                     **OmegaConf.to_container(cfg)}

@@ -15,12 +15,17 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(scores: list[ExampleScores] | None, correct: list[bool] | None) -> dict[str, Any]:
-    """``n``, ``accuracy`` (greedy generation; null when not generated), ``rank_acc`` (length-averaged)
-    and ``rank_acc_sum`` (summed) over the examples with negatives (null without any),
+def summarize(scores: list[ExampleScores] | None, correct: list[bool] | None,
+              extracted: list[bool] | None = None) -> dict[str, Any]:
+    """``n``, ``accuracy`` (greedy generation; null when not generated, or when the extractor found no
+    answer in any generation: 0.0 would read as a model that answers nothing right), ``n_extracted``
+    (generations with an answer the extractor found), ``rank_acc`` (length-averaged) and
+    ``rank_acc_sum`` (summed) over the examples with negatives (null without any),
     ``mean_pos_logp`` / ``mean_neg_logp`` (summed log-probs) and their per-token means."""
     n = len(scores) if scores is not None else len(correct or [])
-    out: dict[str, Any] = {"n": n, "accuracy": None if correct is None else _mean([float(c) for c in correct])}
+    n_extracted = None if extracted is None else sum(extracted)
+    accuracy = None if correct is None or n_extracted == 0 else _mean([float(c) for c in correct])
+    out: dict[str, Any] = {"n": n, "accuracy": accuracy, "n_extracted": n_extracted}
     ranked = [s for s in scores or [] if s.has_negatives]
     out["n_ranked"] = len(ranked)
     out["rank_acc"] = _mean([float(s.ranked_correct(length_averaged=True)) for s in ranked])
@@ -34,7 +39,7 @@ def summarize(scores: list[ExampleScores] | None, correct: list[bool] | None) ->
 
 def table(summary: dict[str, Any]) -> str:
     """Two aligned columns, one metric a line."""
-    keys = ["n", "accuracy", "rank_acc", "rank_acc_sum", "mean_pos_logp", "mean_pos_logp_per_token",
+    keys = ["n", "accuracy", "n_extracted", "rank_acc", "rank_acc_sum", "mean_pos_logp", "mean_pos_logp_per_token",
             "mean_neg_logp", "n_ranked"]
     lines = []
     for key in keys:

@@ -40,7 +40,7 @@ def _device(setting: str) -> str:
 def evaluate(model_dir: Path, examples: list[EvalExample], cfg: Any, backend: str | None) -> EvalResult:
     from transformers import AutoModelForCausalLM
 
-    from nemo_dft.evaluation.extraction import is_correct
+    from nemo_dft.evaluation.extraction import extract, is_correct
     from nemo_dft.evaluation.generation import answer_text, hf_greedy, prompt_ids, vllm_greedy
     from nemo_dft.evaluation.report import summarize
     from nemo_dft.evaluation.scoring import TokenRules, score_examples
@@ -69,6 +69,7 @@ def evaluate(model_dir: Path, examples: list[EvalExample], cfg: Any, backend: st
                                 progress=cfg.progress)
     correct = None if predictions is None else [
         is_correct(p, e.reference, cfg.extract) for p, e in zip(predictions, examples, strict=True)]
+    extracted = None if predictions is None else [extract(p, cfg.extract) is not None for p in predictions]
     records = []
     for i, example in enumerate(examples):
         record: dict[str, Any] = {"id": example.id}
@@ -79,7 +80,7 @@ def evaluate(model_dir: Path, examples: list[EvalExample], cfg: Any, backend: st
             record.update(pos_logp=s.pos_logp, pos_tokens=s.pos_tokens, neg_logps=s.neg_logps,
                           neg_tokens=s.neg_tokens)
         records.append(record)
-    return EvalResult(summarize(scores, correct), records)
+    return EvalResult(summarize(scores, correct, extracted), records)
 
 
 def _load_model(model_cls: Any, model_dir: Path, dtype: str, device: str) -> Any:
