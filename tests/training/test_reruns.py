@@ -132,3 +132,20 @@ def test_second_launch_on_a_live_run_dir_exits_2_naming_the_holder(finished, tmp
     assert first.wait(timeout=600) == 0, (tmp_path / "first.err").read_text()[-6000:]
     assert summary((tmp_path / "first.out").read_text())["final_loss"] == summary(finished[1].stdout)["final_loss"]
     assert not (run_dir / ".lock").exists()
+
+
+def test_evaluate_on_the_run_dir_reproduces_its_heldout_rank_acc(finished, tmp_path):
+    """With no settings, evaluate.py ranks against the run's dft.num_negatives as eval.jsonl does, and
+    on the demo task (no "The answer is:") reports that it extracted no answer instead of accuracy 0."""
+    run_dir = finished[0]
+    [after] = [r for r in map(json.loads, (run_dir / "eval.jsonl").read_text().splitlines()) if r["when"] == "after"]
+    heldout = REPO / "nemo_dft" / "demo" / "assets" / "tiny_task" / "heldout.jsonl"
+    out = tmp_path / "results.json"
+    result = run_child([sys.executable, "scripts/evaluate.py", "--model", str(run_dir), "--data", str(heldout),
+                        "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "negatives=2 (the run's dft.num_negatives" in result.stdout, result.stdout
+    assert "found no answer in any of the 128 generations (n_extracted 0)" in result.stdout, result.stdout
+    evaluated = json.loads(out.read_text())
+    assert evaluated["rank_acc"] == pytest.approx(after["rank_acc"])
+    assert evaluated["n_extracted"] == 0 and evaluated["accuracy"] is None

@@ -124,9 +124,13 @@ def test_half_written_checkpoint_is_skipped(uninterrupted, tmp_path):
     shutil.copytree(complete, partial)
     (partial / "weights" / "metadata.json").unlink()  # the save died before writing its metadata
     partial.with_name(partial.name + "-unfinished").touch()
-    run(run_dir, "trainer.max_steps=12", "data.num_epochs=2")
+    for name in ("step=10", "step=10-last"):  # as if stopped after step 8 (a finished run would be a no-op)
+        shutil.rmtree(run_dir / "checkpoints" / name)
+    assert (run_dir / "checkpoints" / "step=8").is_dir()
+    run(run_dir)
     steps = [m["step"] for m in metrics(run_dir)]
-    assert steps == list(range(1, 13))  # continued from step 10, not from scratch and not from step 99
+    assert steps == list(range(1, 11))  # continued from step 8, not from scratch and not from step 99
+    assert_same_run(run_dir, uninterrupted)
     assert not partial.exists()
 
 
