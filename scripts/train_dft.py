@@ -39,9 +39,11 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
 Console: the key settings, the progress bar, warnings that matter and the summary; NeMo, Megatron
 and Lightning messages go to <run.dir>/logs/console/rank0.log (--verbose prints them too).
 
-Exit codes: 0 trained, 2 configuration error, 3 stopped at a non-finite loss/u/gradient
-(trainer.nonfinite=stop), 75 stopped by a signal with a checkpoint saved (rerun with the same
-run.dir to resume), anything else a failure.
+A rerun of a finished run.dir is a no-op (exit 0); one process tree per run.dir (run.dir/.lock).
+
+Exit codes: 0 trained (or already finished), 2 configuration error (or run.dir in use), 3 stopped
+at a non-finite loss/u/gradient (trainer.nonfinite=stop), 75 stopped by a signal with a checkpoint
+saved (rerun with the same run.dir to resume), anything else a failure.
 """
 
 from __future__ import annotations
