@@ -122,6 +122,6 @@ def build_task_tokenizer(out_dir: Path) -> None:
 
 def task_tokenizer_dir(build_dir: Path | None = None) -> Path:
     """Path of the cached task tokenizer, building it on first use."""
-    from nemo_dft.demo.tiny_model import DEFAULT_BUILD_DIR, _atomic_dir
+    from nemo_dft.demo.tiny_model import DEFAULT_BUILD_DIR, atomic_dir
 
-    return _atomic_dir(Path(build_dir or DEFAULT_BUILD_DIR) / "arithmetic-tokenizer", build_task_tokenizer)
+    return atomic_dir(Path(build_dir or DEFAULT_BUILD_DIR) / "arithmetic-tokenizer", build_task_tokenizer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -39,10 +40,23 @@ TINY_MISTRAL_SHAPE = {
 }
 
 
-def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling directory, then rename it into place."""
+def atomic_dir(
+    target: Path,
+    build: Callable[[Path], None],
+    problem: Callable[[Path], str | None] | None = None,
+) -> Path:
+    """Build into a temporary sibling directory, then rename it into place.
+
+    An existing ``target`` is reused, unless ``problem(target)`` names something wrong with it
+    (a damaged or stale cache): then it is moved aside, removed and built again, so that a
+    broken directory is never used and readers never see a half-built one.
+    """
     if target.exists():
-        return target
+        reason = problem(target) if problem is not None else None
+        if reason is None:
+            return target
+        print(f"{target}: {reason}; rebuilding it", file=sys.stderr, flush=True)
+        _discard(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -56,6 +70,16 @@ def _atomic_dir(target: Path, build: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _discard(target: Path) -> None:
+    """Rename ``target`` out of the way (atomic), then delete it; another process may race us."""
+    aside = target.with_name(f".{target.name}.discarded-{os.getpid()}")
+    try:
+        os.replace(target, aside)
+    except FileNotFoundError:
+        return  # someone else moved it first
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _task_corpus() -> Iterator[str]:
@@ -111,7 +135,7 @@ def train_bpe_tokenizer(corpus: Iterable[str], out_dir: Path, vocab_size: int = 
 
 def tiny_tokenizer_dir(build_dir: Path | None = None) -> Path:
     """Path of the cached tiny tokenizer, building it on first use."""
-    return _atomic_dir(Path(build_dir or DEFAULT_BUILD_DIR) / "tiny-tokenizer", build_tiny_tokenizer)
+    return atomic_dir(Path(build_dir or DEFAULT_BUILD_DIR) / "tiny-tokenizer", build_tiny_tokenizer)
 
 
 def build_tiny_hf_model(out_dir: Path, arch: str = "mistral", seed: int = 0, tie_embeddings: bool = False) -> None:
@@ -153,4 +177,4 @@ def build_tiny_hf_model(out_dir: Path, arch: str = "mistral", seed: int = 0, tie
 def tiny_hf_model_dir(arch: str = "mistral", build_dir: Path | None = None) -> Path:
     """Path of the cached tiny HF checkpoint of ``arch``, building it on first use."""
     root = Path(build_dir or DEFAULT_BUILD_DIR)
-    return _atomic_dir(root / f"tiny-{arch}-hf", lambda out: build_tiny_hf_model(out, arch))
+    return atomic_dir(root / f"tiny-{arch}-hf", lambda out: build_tiny_hf_model(out, arch))
