@@ -61,6 +61,9 @@ def atomic_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        reason = problem(tmp) if problem is not None else None
+        if reason is not None:
+            raise RuntimeError(f"{target}: the build came out incomplete ({reason}); nothing was installed")
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the build is for the whole group
         make_group_readable(tmp)
         os.replace(tmp, target)
