@@ -64,7 +64,8 @@ def test_requested_arch_must_match_checkpoint(hf_copy: Path) -> None:
     [
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "attention_bias=true"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling="),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type='dynamic'"),
         ({"intermediate_size": None}, "key 'intermediate_size' is missing"),
     ],
 )
