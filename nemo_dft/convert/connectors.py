@@ -7,8 +7,7 @@ subclasses here only:
   embeddings, coverage check);
 * take ``vocab_size``, tied embeddings and ``seq_length`` from the HF config (NeMo's Mistral
   importer derives the vocab from the tokenizer and the sequence length from the sliding window,
-  and ignores tying; its Qwen2 importer and exporter ignore tying too), keep the vocabulary
-  unpadded where NeMo's divisor does not divide it (Qwen3's 1187), and carry the Llama 3.1
+  and ignores tying; its Qwen2 importer and exporter ignore tying too), and carry the Llama 3.1
   rope-scaling factors that NeMo's Llama importer leaves at their defaults;
 * stage tokenizer assets in a private temporary directory (NeMo uses a fixed /tmp path that
   concurrent imports overwrite) and export the tokenizer with its chat template;
@@ -87,20 +86,6 @@ def megatron_window_to_hf(window_size: Any) -> int:
     return int(left) + 1
 
 
-def vocab_divisor(vocab_size: int, divisor: int) -> int:
-    """``divisor`` if it divides the HF vocabulary, else the largest power of two <= 128 that does.
-
-    Megatron pads the vocabulary to a multiple of the divisor; padded rows would join the softmax
-    of every log-prob DFT scores.  NeMo's Qwen3 divisor (1187) divides Qwen3's own 151936 only.
-    """
-    if divisor and vocab_size % divisor == 0:
-        return divisor
-    base = 128
-    while vocab_size % base:
-        base //= 2
-    return base
-
-
 class _ImporterFixes:
     """Mixin placed before a NeMo HF importer in the MRO."""
 
@@ -127,7 +112,6 @@ class _ImporterFixes:
             vocab_size=hf.vocab_size,
             share_embeddings_and_output_weights=bool(getattr(hf, "tie_word_embeddings", False)),
             seq_length=hf.max_position_embeddings,
-            make_vocab_size_divisible_by=vocab_divisor(hf.vocab_size, config.make_vocab_size_divisible_by),
         )
         return config
 
