@@ -10,7 +10,8 @@ Main keys (dotted overrides, e.g. dft.ref_free=true model.tensor_model_parallel_
   trainer.max_steps                        default: all epochs of data.num_epochs
   trainer.val_check_interval               held-out evaluation every N steps (default: before and after)
   trainer.progress_bar                     true | false
-  model.arch                               mistral | llama | gpt
+  model.arch                               mistral | llama | qwen2 | qwen3 | gpt (preset=null: Mistral-7B,
+                                           Llama-2-7B, Qwen2.5-7B, Qwen3-8B)
   model.init_from                          NeMo checkpoint with the initial weights (default: random init)
   model.preset                             tiny (the demo shape) | null (the architecture's own, e.g. Mistral-7B)
   model.tensor_model_parallel_size, model.pipeline_model_parallel_size

@@ -210,7 +210,11 @@ def data_parallel_size(cfg: DictConfig) -> int:
 ARCHITECTURE_SHAPES: dict[str, dict[str, int]] = {
     "llama": {"num_layers": 32, "num_attention_heads": 32, "num_query_groups": 32},
     "mistral": {"num_layers": 32, "num_attention_heads": 32, "num_query_groups": 8},
+    "qwen2": {"num_layers": 28, "num_attention_heads": 28, "num_query_groups": 4},  # Qwen2.5-7B
+    "qwen3": {"num_layers": 36, "num_attention_heads": 32, "num_query_groups": 8},  # Qwen3-8B
 }
+# model.arch values (the keys of nemo_dft.modeling.gpt_config.ARCHITECTURES; a test checks both agree).
+MODEL_ARCHS = ("gpt", "llama", "mistral", "qwen2", "qwen3")
 
 
 def known_model_shape(cfg: DictConfig) -> dict[str, Any]:
@@ -225,7 +229,8 @@ def model_config_overrides(cfg: DictConfig) -> dict[str, Any]:
     """The NeMo GPT config fields this run sets: the preset's shape, then ``model.config``."""
     from omegaconf import OmegaConf
 
-    overrides = dict(TINY_MISTRAL_SHAPE) if cfg.model.preset == "tiny" else {}
+    # tiny: the vocabulary is the tokenizer's (NeMo's Qwen configs preset Qwen's 151936/152064)
+    overrides = {**TINY_MISTRAL_SHAPE, "vocab_size": None} if cfg.model.preset == "tiny" else {}
     overrides.update(OmegaConf.to_container(cfg.model.config, resolve=True))
     return overrides
 
@@ -336,6 +341,8 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     _require(m.context_parallel_size == 1, "model.context_parallel_size",
              "context parallelism is not supported for DFT yet (sequences are short and whole groups "
              "must stay on one rank)")
+    _require(m.arch in MODEL_ARCHS, "model.arch", f"unknown architecture {m.arch!r}; choose one of "
+             f"{', '.join(MODEL_ARCHS)}")
     _require(m.preset in (None, "tiny", "checkpoint"), "model.preset",
              f"{m.preset!r} is not 'tiny', 'checkpoint' or null")
     _require(m.preset != "checkpoint" or m.init_from is not None, "model.preset",

@@ -74,10 +74,10 @@ def import_hf(
     overwrite: bool = False,
     revision: str | None = None,
 ) -> Path:
-    """Convert an HF Mistral/Llama checkpoint into a NeMo 2 checkpoint directory ``out``.
+    """Convert an HF Mistral/Llama/Qwen2/Qwen3 checkpoint into a NeMo 2 checkpoint directory ``out``.
 
     ``model_cls`` (an ``llm.GPTModel`` subclass taking ``(config, tokenizer=...)``) is the class
-    recorded in the checkpoint's context; the default is NeMo's ``MistralModel``/``LlamaModel``.
+    recorded in the checkpoint's context; the default is NeMo's model class of the architecture.
     """
     hf_dir = resolve_hf_source(hf, revision)
     arch = detect_hf_arch(hf_dir, arch)

@@ -1,8 +1,9 @@
 """Architecture detection and config validation for both sides of a conversion.
 
-NeMo's HF connectors assume a dense, bias-free, RoPE + SwiGLU + RMSNorm decoder.  A checkpoint
-outside that family would either fail deep inside NeMo or, worse, convert with weights silently
-dropped, so it is rejected here with the file and key that differ.  Nothing in this module
+NeMo's HF connectors assume a dense RoPE + SwiGLU + RMSNorm decoder: bias-free (Mistral, Llama),
+with q/k/v biases (Qwen2/2.5) or with per-head q/k RMSNorm (Qwen3).  A checkpoint outside that
+family would either fail deep inside NeMo or, worse, convert with weights silently dropped, so it
+is rejected here with the file and key that differ.  Nothing in this module
 imports NeMo, so the CLI can report these errors in well under a second.
 """
 
@@ -18,7 +19,7 @@ from nemo_dft.convert.errors import (
     UnsupportedArchitectureError,
 )
 
-SUPPORTED_ARCHS = ("mistral", "llama")
+SUPPORTED_ARCHS = ("mistral", "llama", "qwen2", "qwen3")
 ARCH_CHOICES = (*SUPPORTED_ARCHS, "auto")
 HF_WEIGHT_FILES = (
     "model.safetensors",
@@ -35,9 +36,26 @@ _HF_REQUIRED_KEYS = (
     "vocab_size",
     "rms_norm_eps",
 )
-# NeMo config class names (anywhere in the MRO) that identify each architecture.
-_NEMO_CONFIG_CLASSES = {"MistralConfig7B": "mistral", "LlamaConfig": "llama"}
-_NEMO_UNSUPPORTED_CLASSES = ("Llama4Config",)
+# model_types that NeMo has connectors for but nemo_dft refuses by name (mixture of experts).
+_HF_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4", "llama4_text", "deepseek_v3")
+# NeMo config class names (anywhere in the MRO; the most derived wins) that identify each
+# architecture.  Qwen3Config derives from Qwen2Config, Llama31Config from LlamaConfig.
+_NEMO_CONFIG_CLASSES = {
+    "MistralConfig7B": "mistral",
+    "LlamaConfig": "llama",
+    "Qwen3Config": "qwen3",
+    "Qwen2Config": "qwen2",
+}
+_NEMO_UNSUPPORTED_CLASSES = ("Llama4Config", "Qwen3MoEConfig")
+# Attention layout of each architecture, as NeMo's config fields say it.
+_ATTENTION_LAYOUT = {
+    "mistral": {"add_qkv_bias": False, "qk_layernorm": False},
+    "llama": {"add_qkv_bias": False, "qk_layernorm": False},
+    "qwen2": {"add_qkv_bias": True, "qk_layernorm": False},
+    "qwen3": {"add_qkv_bias": False, "qk_layernorm": True},
+}
+# rope_scaling types that NeMo's connector of each architecture carries over.
+ROPE_SCALING_TYPES = {"llama": ("llama3",)}
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -58,6 +76,11 @@ def detect_hf_arch(hf_dir: Path, requested: str = "auto") -> str:
     config = read_hf_config(hf_dir)
     where = Path(hf_dir) / "config.json"
     model_type = config.get("model_type")
+    if model_type in _HF_MOE_TYPES or config.get("num_local_experts") or config.get("num_experts"):
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type={model_type!r} is a mixture-of-experts model; nemo_dft converts dense "
+            f"{', '.join(SUPPORTED_ARCHS)} models only"
+        )
     if model_type not in SUPPORTED_ARCHS:
         raise UnsupportedArchitectureError(
             f"{where}: model_type={model_type!r} (architectures={config.get('architectures')}) is not "
@@ -81,7 +104,7 @@ def check_hf_dir(hf_dir: Path) -> None:
 
 
 def check_hf_config(config: dict[str, Any], arch: str, where: Path | str) -> None:
-    """Reject HF configs whose features NeMo's Mistral/Llama connectors would not carry over."""
+    """Reject HF configs whose features NeMo's connector for ``arch`` would not carry over."""
     for key in _HF_REQUIRED_KEYS:
         if key not in config:
             raise ConfigMismatchError(f"{where}: key {key!r} is missing")
@@ -92,13 +115,28 @@ def check_hf_config(config: dict[str, Any], arch: str, where: Path | str) -> Non
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise ConfigMismatchError(f"{where}: {key}=true; NeMo's {arch} connector has no bias weights")
-    rope_scaling = config.get("rope_scaling")
-    if rope_scaling:
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
-        if arch != "llama" or rope_type != "llama3":
-            raise ConfigMismatchError(
-                f"{where}: rope_scaling={rope_scaling}; only Llama-3 style scaling ('llama3') converts"
-            )
+    if config.get("use_sliding_window"):
+        raise ConfigMismatchError(
+            f"{where}: use_sliding_window=true; NeMo's {arch} connector converts full attention only"
+        )
+    check_rope_scaling(config.get("rope_scaling"), arch, where)
+
+
+def check_rope_scaling(rope_scaling: dict[str, Any] | None, arch: str, where: Path | str) -> None:
+    """Refuse a ``rope_scaling`` type that NeMo's config for ``arch`` cannot express."""
+    if not rope_scaling:
+        return
+    key = "rope_type" if "rope_type" in rope_scaling else "type"
+    rope_type = rope_scaling.get(key)
+    allowed = ROPE_SCALING_TYPES.get(arch, ())
+    if rope_type == "default":  # transformers' spelling of "no scaling"
+        return
+    if rope_type not in allowed:
+        supported = f"only {', '.join(map(repr, allowed))} converts" if allowed else "none converts"
+        raise ConfigMismatchError(
+            f"{where}: rope_scaling.{key}={rope_type!r} cannot be expressed in NeMo's {arch} config; "
+            f"for {arch} {supported}"
+        )
 
 
 def _check_requested(requested: str, found: str, where: Path | str) -> None:
@@ -155,10 +193,9 @@ def check_nemo_config(config: Any, arch: str, where: Path | str) -> None:
         "normalization": "RMSNorm",
         "gated_linear_unit": True,
         "add_bias_linear": False,
-        "add_qkv_bias": False,
         "position_embedding_type": "rope",
         "num_moe_experts": None,
-        "qk_layernorm": False,
+        **_ATTENTION_LAYOUT[arch],
     }
     for key, value in expected.items():
         actual = getattr(config, key, value)

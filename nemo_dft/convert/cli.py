@@ -19,7 +19,8 @@ ATOL_SAME_DTYPE = 1e-3
 ATOL_CROSS_DTYPE = 5e-2
 
 DESCRIPTION = """\
-Convert Mistral/Llama checkpoints between Hugging Face and NeMo 2, exactly, and verify them.
+Convert Mistral, Llama (2, 3.x), Qwen2/2.5 and Qwen3 checkpoints between Hugging Face and NeMo 2,
+exactly, and verify them.
 
   import   HF directory or Hub id  ->  NeMo 2 checkpoint directory (context/ + weights/)
   export   NeMo 2 checkpoint (any llm.GPTModel subclass, e.g. a DFT run, saved at any TP/PP)
@@ -106,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch",
         choices=ARCH_CHOICES,
         default="auto",
-        help="HF layout to write; auto takes it from the checkpoint's config class (MistralConfig7B or "
-        "LlamaConfig); needed for a plain GPTConfig",
+        help="HF layout to write; auto takes it from the checkpoint's config class (MistralConfig7B, "
+        "LlamaConfig, Qwen2Config or Qwen3Config); needed for a plain GPTConfig",
     )
     exp.add_argument(
         "--tokenizer",

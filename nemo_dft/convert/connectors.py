@@ -1,4 +1,4 @@
-"""NeMo's own HF Mistral/Llama connectors, with the fixes nemo_dft relies on.
+"""NeMo's own HF Mistral/Llama/Qwen2/Qwen3 connectors, with the fixes nemo_dft relies on.
 
 The weight maps, QKV/FC1 merge-and-split transforms and config translation stay NeMo's; the
 subclasses here only:
@@ -7,7 +7,8 @@ subclasses here only:
   embeddings, coverage check);
 * take ``vocab_size``, tied embeddings and ``seq_length`` from the HF config (NeMo's Mistral
   importer derives the vocab from the tokenizer and the sequence length from the sliding window,
-  and ignores tying);
+  and ignores tying; its Qwen2 importer and exporter ignore tying too), and carry the Llama 3.1
+  rope-scaling factors that NeMo's Llama importer leaves at their defaults;
 * stage tokenizer assets in a private temporary directory (NeMo uses a fixed /tmp path that
   concurrent imports overwrite) and export the tokenizer with its chat template;
 * let the exporter cast to the requested dtype and work for any ``llm.GPTModel`` subclass.
@@ -28,6 +29,8 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.collections.llm.gpt.model.llama import HFLlamaExporter, HFLlamaImporter, LlamaModel
 from nemo.collections.llm.gpt.model.mistral import HFMistralExporter, HFMistralImporter, MistralModel
+from nemo.collections.llm.gpt.model.qwen2 import HFQwen2Exporter, HFQwen2Importer, Qwen2Model
+from nemo.collections.llm.gpt.model.qwen3 import HFQwen3Exporter, HFQwen3Importer, Qwen3Model
 from nemo.lightning import io, teardown
 
 from nemo_dft.convert.arch import check_hf_config, detect_hf_arch, detect_nemo_arch
@@ -37,7 +40,19 @@ from nemo_dft.convert.load import load_nemo_model
 from nemo_dft.convert.mapping import adapted_apply_transforms, unwrap_module
 from nemo_dft.convert.progress import describe_weights, note, stage
 
-DEFAULT_MODEL_CLASSES: dict[str, type[GPTModel]] = {"mistral": MistralModel, "llama": LlamaModel}
+DEFAULT_MODEL_CLASSES: dict[str, type[GPTModel]] = {
+    "mistral": MistralModel,
+    "llama": LlamaModel,
+    "qwen2": Qwen2Model,
+    "qwen3": Qwen3Model,
+}
+# HF rope_scaling keys of type "llama3" and the Llama31Config fields that hold them.
+LLAMA3_ROPE_FIELDS = {
+    "factor": "scale_factor",
+    "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "original_max_position_embeddings": "old_context_len",
+}
 
 
 def set_tracked(config: Any, **values: Any) -> None:
@@ -76,6 +91,7 @@ class _ImporterFixes:
 
     model_cls: type[GPTModel] = GPTModel
     arch: str = ""
+    trust_remote_code: bool | None = None  # NeMo's Qwen connectors read it before apply() sets it
 
     @cached_property
     def hf_config(self) -> Any:
@@ -154,12 +170,51 @@ class LlamaImporter(_ImporterFixes, HFLlamaImporter):
 
     arch = "llama"
 
+    @cached_property
+    def config(self) -> Any:
+        config = super().config
+        rope_scaling = getattr(self.hf_config, "rope_scaling", None) or {}
+        if rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
+            # NeMo's importer takes only "factor" and leaves the other three at 3.1's defaults
+            set_tracked(config, **{field: rope_scaling[key] for key, field in LLAMA3_ROPE_FIELDS.items()
+                                   if key in rope_scaling})
+        return config
+
+
+class Qwen2Importer(_ImporterFixes, HFQwen2Importer):
+    """HF ``Qwen2ForCausalLM`` (Qwen2, Qwen2.5) -> NeMo, q/k/v biases included."""
+
+    arch = "qwen2"
+
+    @cached_property
+    def config(self) -> Any:
+        config = super().config
+        head_dim = getattr(self.hf_config, "head_dim", None)
+        if head_dim:  # NeMo's importer always derives it from hidden_size / num_attention_heads
+            set_tracked(config, kv_channels=head_dim)
+        return config
+
+
+class Qwen3Importer(_ImporterFixes, HFQwen3Importer):
+    """HF ``Qwen3ForCausalLM`` -> NeMo, per-head q/k RMSNorm included."""
+
+    arch = "qwen3"
+
+    @cached_property
+    def config(self) -> Any:
+        config = super().config
+        # NeMo's exporter writes max_position_embeddings, which its importer leaves at 40960
+        set_tracked(config, max_position_embeddings=self.hf_config.max_position_embeddings,
+                    kv_channels=self.hf_config.head_dim)
+        return config
+
 
 class _ExporterFixes:
     """Mixin placed before a NeMo HF exporter in the MRO."""
 
     arch: str = ""
     tokenizer_dir: Path | None = None  # export this HF tokenizer instead of the checkpoint's
+    trust_remote_code: bool | None = None  # NeMo's Qwen exporters read it in init()
 
     @cached_property
     def nemo_config(self) -> Any:
@@ -280,8 +335,52 @@ class LlamaExporter(_ExporterFixes, HFLlamaExporter):
         return self.nemo_tokenizer
 
 
-IMPORTERS: dict[str, type[_ImporterFixes]] = {"mistral": MistralImporter, "llama": LlamaImporter}
-EXPORTERS: dict[str, type[_ExporterFixes]] = {"mistral": MistralExporter, "llama": LlamaExporter}
+class _QwenExporterFixes(_ExporterFixes):
+    """What NeMo's Qwen exporters leave out of config.json."""
+
+    @cached_property
+    def config(self) -> Any:
+        hf_config = super().config
+        # full attention everywhere (sliding windows are refused on import): as Qwen's own configs
+        hf_config.max_window_layers = hf_config.num_hidden_layers
+        return hf_config
+
+    @property
+    def tokenizer(self) -> Any:  # NeMo's Qwen exporters expect the HF tokenizer here
+        return self.hf_tokenizer
+
+
+class Qwen2Exporter(_QwenExporterFixes, HFQwen2Exporter):
+    """NeMo -> HF ``Qwen2ForCausalLM`` (NeMo's exporter, fixed as described above)."""
+
+    arch = "qwen2"
+
+    @cached_property
+    def config(self) -> Any:
+        hf_config = super().config
+        if hf_config.head_dim == hf_config.hidden_size // hf_config.num_attention_heads:
+            del hf_config.head_dim  # Qwen2's config.json derives it; NeMo's exporter always writes it
+        return hf_config
+
+
+class Qwen3Exporter(_QwenExporterFixes, HFQwen3Exporter):
+    """NeMo -> HF ``Qwen3ForCausalLM`` (NeMo's exporter, fixed as described above)."""
+
+    arch = "qwen3"
+
+
+IMPORTERS: dict[str, type[_ImporterFixes]] = {
+    "mistral": MistralImporter,
+    "llama": LlamaImporter,
+    "qwen2": Qwen2Importer,
+    "qwen3": Qwen3Importer,
+}
+EXPORTERS: dict[str, type[_ExporterFixes]] = {
+    "mistral": MistralExporter,
+    "llama": LlamaExporter,
+    "qwen2": Qwen2Exporter,
+    "qwen3": Qwen3Exporter,
+}
 
 
 def make_importer(hf_dir: str | Path, arch: str, model_cls: type[GPTModel] | None = None) -> Any:

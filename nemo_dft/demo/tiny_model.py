@@ -1,7 +1,7 @@
 """Tiny tokenizer and random-init HF checkpoints, built locally and cached.
 
 No model hub is reachable from CI, so the demo, the tests and the conversion checks use a
-byte-level BPE tokenizer trained on the embedded task and small random Mistral/Llama models
+byte-level BPE tokenizer trained on the embedded task and small random Mistral/Llama/Qwen2/Qwen3 models
 (head_dim 32, which vLLM's CPU attention also accepts).  They are written atomically under a
 build directory and reused when present.
 """
@@ -141,10 +141,36 @@ def tiny_tokenizer_dir(build_dir: Path | None = None) -> Path:
     return atomic_dir(Path(build_dir or DEFAULT_BUILD_DIR) / "tiny-tokenizer", build_tiny_tokenizer)
 
 
-def build_tiny_hf_model(out_dir: Path, arch: str = "mistral", seed: int = 0, tie_embeddings: bool = False) -> None:
-    """Save a random-init HF causal LM of the tiny shape, with the tiny tokenizer beside it."""
+def _hf_classes(arch: str) -> tuple[type, type]:
+    """transformers' own config and model classes of a tiny architecture."""
+    import transformers
+
+    names = {
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    }
+    if arch not in names:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(names)}")
+    config_name, model_name = names[arch]
+    return getattr(transformers, config_name), getattr(transformers, model_name)
+
+
+def build_tiny_hf_model(
+    out_dir: Path,
+    arch: str = "mistral",
+    seed: int = 0,
+    tie_embeddings: bool = False,
+    extra_config: dict | None = None,
+) -> None:
+    """Save a random-init HF causal LM of the tiny shape, with the tiny tokenizer beside it.
+
+    ``extra_config`` adds HF config keys (e.g. a Llama 3.1 ``rope_scaling``).  Norm weights and
+    biases (Qwen2's q/k/v) are random too, so that a dropped one cannot go unseen.
+    """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import AutoTokenizer
 
     shape = TINY_MISTRAL_SHAPE
     common = {
@@ -162,17 +188,21 @@ def build_tiny_hf_model(out_dir: Path, arch: str = "mistral", seed: int = 0, tie
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
-    classes = {"mistral": (MistralConfig, MistralForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
-    if arch not in classes:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(classes)}")
-    config_cls, model_cls = classes[arch]
+    config_cls, model_cls = _hf_classes(arch)
     extra = {"sliding_window": None} if arch == "mistral" else {}
+    if arch in ("qwen2", "qwen3"):  # full attention in every layer, as Qwen's released configs say
+        extra.update(use_sliding_window=False, max_window_layers=shape["num_layers"])
+    if arch == "qwen2":
+        del common["head_dim"]  # Qwen2 derives it: hidden_size / num_attention_heads = 32
+    extra.update(extra_config or {})
     torch.manual_seed(seed)
     model = model_cls(config_cls(**common, **extra))
-    with torch.no_grad():  # non-trivial norm weights, so that a dropped norm cannot go unseen
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):  # HF initialises biases to zero
+                param.uniform_(-0.5, 0.5)
     model.save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir())).save_pretrained(str(out_dir))
 

@@ -18,6 +18,8 @@ ARCHITECTURES: dict[str, type[llm.GPTConfig]] = {
     "gpt": llm.GPTConfig,
     "llama": llm.Llama2Config7B,
     "mistral": llm.MistralConfig7B,
+    "qwen2": llm.Qwen25Config7B,  # q/k/v biases
+    "qwen3": llm.Qwen3Config8B,  # per-head q/k RMSNorm
 }
 
 PRECISION_DTYPES = {name: dtype for name, (_, dtype) in PRECISIONS.items()}

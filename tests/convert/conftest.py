@@ -11,11 +11,22 @@ import pytest
 
 from nemo_dft.demo.tiny_model import build_tiny_hf_model, tiny_hf_model_dir
 
+# Llama 3.1's rope scaling, with an original context (32) shorter than the test inputs (64) and
+# low/high frequency factors that are not NeMo's defaults, so that a dropped factor shows in logits.
+LLAMA31_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 2.0,
+    "high_freq_factor": 8.0,
+    "original_max_position_embeddings": 32,
+}
+
 
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """``tiny_hf(arch, tied, window=None)``: a tiny HF checkpoint (untied: the shared cached one).
 
+    ``arch`` is mistral, llama, qwen2, qwen3 or llama31 (a Llama with Llama 3.1 rope scaling).
     ``window`` gives a Mistral a sliding window of that many tokens (same weights as untied).
     """
     cache: dict[tuple[str, bool, int | None], Path] = {}
@@ -23,7 +34,11 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     def get(arch: str, tied: bool, window: int | None = None) -> Path:
         key = (arch, tied, window)
         if key not in cache:
-            if window is not None:
+            if arch == "llama31":
+                out = tmp_path_factory.mktemp(f"hf-llama31-{'tied' if tied else 'untied'}")
+                build_tiny_hf_model(out, "llama", seed=2, tie_embeddings=tied,
+                                    extra_config={"rope_scaling": dict(LLAMA31_ROPE_SCALING)})
+            elif window is not None:
                 out = tmp_path_factory.mktemp(f"hf-{arch}-window{window}") / "hf"
                 shutil.copytree(get(arch, tied), out)
                 config = json.loads((out / "config.json").read_text())

@@ -40,6 +40,34 @@ def _edit_config(hf_dir: Path, **changes: object) -> None:
 def test_detects_supported_architectures(tiny_hf) -> None:
     assert arch.detect_hf_arch(tiny_hf("mistral", False)) == "mistral"
     assert arch.detect_hf_arch(tiny_hf("llama", False), "llama") == "llama"
+    assert arch.detect_hf_arch(tiny_hf("qwen2", False)) == "qwen2"
+    assert arch.detect_hf_arch(tiny_hf("qwen3", False), "qwen3") == "qwen3"
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_mixture_of_experts_is_refused_by_name(hf_copy: Path, model_type: str) -> None:
+    _edit_config(hf_copy, model_type=model_type)
+    with pytest.raises(UnsupportedArchitectureError, match=f"model_type='{model_type}' is a mixture-of-experts"):
+        arch.detect_hf_arch(hf_copy)
+
+
+@pytest.mark.parametrize(
+    ("family", "changes", "message"),
+    [
+        ("qwen2", {"use_sliding_window": True}, "use_sliding_window=true"),
+        ("qwen2", {"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling.type='yarn'.* qwen2"),
+        ("qwen3", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling.rope_type='llama3'"),
+        ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "only 'llama3' converts"),
+    ],
+)
+def test_rope_scaling_and_windows_nemo_cannot_express(tiny_hf, tmp_path: Path, family: str, changes: dict,
+                                                      message: str) -> None:
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_hf(family, False), hf_dir)
+    _edit_config(hf_dir, **changes)
+    with pytest.raises(ConfigMismatchError, match=message) as err:
+        arch.detect_hf_arch(hf_dir)
+    assert str(hf_dir / "config.json") in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unsupported_architecture_names_file_and_model_type(hf_copy: Path) -> None:
@@ -64,7 +92,8 @@ def test_requested_arch_must_match_checkpoint(hf_copy: Path) -> None:
     [
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "attention_bias=true"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling="),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type='dynamic'"),
         ({"intermediate_size": None}, "key 'intermediate_size' is missing"),
     ],
 )
@@ -122,6 +151,27 @@ def test_detect_nemo_arch_from_config_class() -> None:
         arch.detect_nemo_arch(_config("Llama4Config"))
     with pytest.raises(ConfigMismatchError, match="--arch llama was requested"):
         arch.detect_nemo_arch(_config("MistralConfig7B"), "llama", where="ckpt/context")
+
+
+def test_detect_nemo_arch_for_qwen_configs() -> None:
+    """The most derived known class wins: NeMo's Qwen3Config derives from Qwen2Config (stand-ins)."""
+    qwen2 = type("Qwen2Config", (), {})
+    qwen3 = type("Qwen3Config", (qwen2,), {})
+    llama31 = type("Llama31Config", (type("LlamaConfig", (), {}),), {})
+    fields = {"normalization": "RMSNorm", "gated_linear_unit": True, "position_embedding_type": "rope"}
+
+    def config(cls: type, **values: object) -> object:
+        return type(cls.__name__, (cls,), {**fields, **values})()
+
+    assert arch.detect_nemo_arch(config(qwen2, add_qkv_bias=True)) == "qwen2"
+    assert arch.detect_nemo_arch(config(qwen3, qk_layernorm=True)) == "qwen3"
+    assert arch.detect_nemo_arch(config(llama31)) == "llama"
+    with pytest.raises(UnsupportedArchitectureError, match="Qwen3MoEConfig"):
+        arch.detect_nemo_arch(_config("Qwen3MoEConfig"))
+    with pytest.raises(ConfigMismatchError, match="qk_layernorm=False, but an HF qwen3 checkpoint needs True"):
+        arch.detect_nemo_arch(config(qwen3, qk_layernorm=False))
+    with pytest.raises(ConfigMismatchError, match="add_qkv_bias=True, but an HF llama checkpoint needs False"):
+        arch.detect_nemo_arch(_config("GPTConfig", add_qkv_bias=True), "llama")
 
 
 def test_nemo_config_mismatch_names_key() -> None:

@@ -15,12 +15,15 @@ from tests.conftest import torchrun
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=[(2, 1), (1, 2)], ids=["tp2", "pp2"])
+# Qwen2 at TP=2 splits its q/k/v biases over the ranks, Qwen3 its heads (and with them the per-head
+# q/k norms stay whole on each rank).
+@pytest.fixture(scope="module", params=[("mistral", 2, 1), ("mistral", 1, 2), ("qwen2", 2, 1), ("qwen3", 2, 1)],
+                ids=["tp2", "pp2", "qwen2-tp2", "qwen3-tp2"])
 def parallel_checkpoint(request, tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """(HF source, the same model imported and re-saved by 2 ranks, the parallel setting used)."""
-    tp, pp = request.param
-    source = tiny_hf("mistral", False)
-    root = tmp_path_factory.mktemp(f"tp{tp}pp{pp}")
+    arch, tp, pp = request.param
+    source = tiny_hf(arch, False)
+    root = tmp_path_factory.mktemp(f"{arch}-tp{tp}pp{pp}")
     nemo_tp1 = api.import_hf(source, root / "tp1")
     args = [str(nemo_tp1), str(root / "out"), "--tp", str(tp), "--pp", str(pp)]
     torchrun(Path(__file__).with_name("reshard.py"), args, nproc=2)

@@ -1,4 +1,5 @@
-"""HF -> NeMo -> HF on tiny random Mistral and Llama models: exact weights, matching logits.
+"""HF -> NeMo -> HF on tiny random Mistral, Llama (2 and 3.1), Qwen2 and Qwen3 models: exact
+weights, matching logits.
 
 All conversions run in this process, so NeMo is imported once for the module; each variant is
 converted once and shared by the tests that need it.
@@ -29,8 +30,14 @@ VARIANTS = [
     ("llama", False, None),
     ("llama", True, None),
     ("mistral", False, 16),
+    ("qwen2", False, None),
+    ("qwen2", True, None),
+    ("qwen3", False, None),
+    ("qwen3", True, None),
+    ("llama31", True, None),  # Llama 3.2 1B/3B: llama3 rope scaling and tied embeddings
 ]
-IDS = ["mistral-untied", "mistral-tied", "llama-untied", "llama-tied", "mistral-window16"]
+IDS = ["mistral-untied", "mistral-tied", "llama-untied", "llama-tied", "mistral-window16", "qwen2-untied",
+       "qwen2-tied", "qwen3-untied", "qwen3-tied", "llama31-tied"]
 FP32_ATOL = 1e-5  # measured: < 6e-7 on every variant
 
 
@@ -73,6 +80,10 @@ def test_roundtrip_is_bit_identical(convert, arch: str, tied: bool, window: int 
     assert ("lm_head.weight" in original) is not tied
     norms = [name for name in original if "norm" in name]
     assert norms and all(not torch.all(original[name] == 1) for name in norms), "norms must be non-trivial"
+    family_weights = {"qwen2": ("q_proj.bias", "k_proj.bias", "v_proj.bias"), "qwen3": ("q_norm.", "k_norm.")}
+    for part in family_weights.get(arch, ()):  # Qwen2's q/k/v biases, Qwen3's per-head q/k norms
+        found = [name for name in original if part in name]
+        assert len(found) == 2 and all(original[name].abs().min() > 0 for name in found), (part, found)
     for name, tensor in original.items():
         assert exported[name].dtype == tensor.dtype == torch.float32, name
         assert torch.equal(exported[name], tensor), name
@@ -115,13 +126,63 @@ def test_imported_logits_match_hf(convert, arch: str, tied: bool, window: int | 
     nemo_model, trainer = load_nemo_model(result.nemo, dtype=torch.float32)
     try:
         expected = hf_logits(hf_model, tokens)
-        actual = nemo_logits(nemo_model, tokens)[..., : expected.shape[-1]]
+        actual = nemo_logits(nemo_model, tokens)
     finally:
         teardown(trainer, nemo_model)
+    # no padded vocabulary rows: they would join the softmax of every log-prob DFT scores
+    assert actual.shape == expected.shape
     diff = (expected - actual).abs().max().item()
     print(f"{arch} tied={tied} window={window}: max abs logit diff {diff:.2e}")
     assert diff < FP32_ATOL
     assert torch.equal(expected.argmax(-1), actual.argmax(-1))
+
+
+NEW_FAMILIES = [("qwen2", False), ("qwen3", True), ("llama31", True)]
+
+
+@pytest.mark.parametrize(("arch", "tied"), NEW_FAMILIES, ids=["qwen2", "qwen3", "llama31"])
+def test_new_family_export_generates_like_the_source_and_verifies(
+    convert, arch: str, tied: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exported directory loads in transformers and generates the source model's greedy tokens;
+    ``convert_hf.py verify`` passes at 1e-5 on the imported checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = convert(arch, tied)
+    tokenizer = AutoTokenizer.from_pretrained(str(result.hf))
+    chat = [{"role": "user", "content": "Repeat: c a t"}]
+    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    outputs = [AutoModelForCausalLM.from_pretrained(str(path)).generate(**inputs, max_new_tokens=4, do_sample=False)
+               for path in (result.source, result.hf)]
+    assert outputs[1].shape[1] == inputs["input_ids"].shape[1] + 4
+    assert torch.equal(outputs[0], outputs[1])
+    status = cli.main(["verify", "--hf", str(result.source), "--nemo", str(result.nemo), "--atol", "1e-5"])
+    assert status == 0, capsys.readouterr().err
+
+
+def test_llama31_rope_scaling_reaches_nemo_and_matters(convert) -> None:
+    """All four llama3 factors land in NeMo's Llama31Config; with NeMo's defaults for the three it
+    does not import, the logits would differ, so the parity test above is sensitive to them."""
+    from nemo.collections.llm.gpt.model.llama import Llama31Config
+    from nemo.lightning import io
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nemo_dft.convert.logits import hf_logits, load_hf_model
+    from tests.convert.conftest import LLAMA31_ROPE_SCALING
+
+    result = convert("llama31", True)
+    config = io.load_context(str(result.nemo), subpath="model.config")
+    assert isinstance(config, Llama31Config)
+    assert (config.scale_factor, config.low_freq_factor, config.high_freq_factor, config.old_context_len) == (
+        LLAMA31_ROPE_SCALING["factor"], LLAMA31_ROPE_SCALING["low_freq_factor"],
+        LLAMA31_ROPE_SCALING["high_freq_factor"], LLAMA31_ROPE_SCALING["original_max_position_embeddings"])
+    tokens = _random_tokens(512)
+    expected = hf_logits(load_hf_model(result.source), tokens)
+    hf_config = AutoConfig.from_pretrained(str(result.source))
+    hf_config.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192}  # NeMo's Llama31Config defaults
+    defaults = AutoModelForCausalLM.from_pretrained(str(result.source), config=hf_config).float().eval()
+    assert (hf_logits(defaults, tokens) - expected).abs().max().item() > 1e-3
 
 
 def test_logit_check_detects_a_wrong_norm(convert) -> None:
@@ -225,9 +286,10 @@ def test_gptmodel_subclass_import_and_export_via_nemo_api(tiny_hf, tmp_path: Pat
     assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
 
 
-ARCH_KEYS = ("sliding_window", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps",
-             "tie_word_embeddings", "max_position_embeddings", "bos_token_id", "eos_token_id")
+ARCH_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "rope_scaling", "vocab_size",
+             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+             "max_position_embeddings", "bos_token_id", "eos_token_id")
 
 
 @pytest.mark.parametrize(("arch", "tied", "window"), VARIANTS, ids=IDS)

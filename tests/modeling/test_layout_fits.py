@@ -19,6 +19,13 @@ def test_architecture_shapes_match_nemo(arch):
     assert {key: defaults[key] for key in ARCHITECTURE_SHAPES[arch]} == ARCHITECTURE_SHAPES[arch]
 
 
+def test_model_arch_choices_are_the_nemo_architectures():
+    from nemo_dft.config.training import MODEL_ARCHS
+    from nemo_dft.modeling.gpt_config import ARCHITECTURES
+
+    assert sorted(MODEL_ARCHS) == sorted(ARCHITECTURES)
+
+
 @pytest.mark.parametrize(("tp", "pp", "named"), [(16, 1, "num_query_groups=8"), (3, 1, "num_attention_heads=32"),
                                                  (1, 40, "40 stages exceed")])
 def test_checkpoint_shape_that_does_not_fit_the_layout_is_a_config_error(tp, pp, named):

@@ -70,6 +70,10 @@ CASES = {
     "tp_above_mistral_query_groups": (
         ["model.preset=null", "model.tensor_model_parallel_size=16", "trainer.devices=16"],
         ["model.tensor_model_parallel_size", "num_query_groups=8"]),
+    "unknown_arch": (["model.arch=gemma2"], ["model.arch", "gemma2", "qwen3"]),
+    "tp_above_qwen3_query_groups": (
+        ["model.arch=qwen3", "model.preset=null", "model.tensor_model_parallel_size=16", "trainer.devices=16"],
+        ["model.tensor_model_parallel_size", "num_query_groups=8"]),
     "tokenizer_path_missing": (["tokenizer.path=/nonexistent/tok"], ["tokenizer.path", "/nonexistent/tok"]),
     "tokenizer_path_not_a_tokenizer": ([f"tokenizer.path={TASK}"], ["tokenizer.path", "not an HF tokenizer"]),
     "tokenizer_without_template": (tokenizer_without_template, ["tokenizer.chat_template", "no chat template"]),
