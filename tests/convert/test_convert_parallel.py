@@ -16,9 +16,18 @@ pytestmark = pytest.mark.slow
 
 
 # Qwen2 at TP=2 splits its q/k/v biases over the ranks, Qwen3 its heads (and with them the per-head
-# q/k norms stay whole on each rank).
-@pytest.fixture(scope="module", params=[("mistral", 2, 1), ("mistral", 1, 2), ("qwen2", 2, 1), ("qwen3", 2, 1)],
-                ids=["tp2", "pp2", "qwen2-tp2", "qwen3-tp2"])
+# q/k norms stay whole on each rank).  The Qwen2 case is in the extended tier (`make test-all`): its
+# biases split along the same column-parallel dimension as the q/k/v weights that the Mistral and
+# Qwen3 cases check, and its TP=1 round trip (test_convert_roundtrip.py) checks the biases themselves.
+PARALLEL_CASES = [
+    pytest.param(("mistral", 2, 1), id="tp2"),
+    pytest.param(("mistral", 1, 2), id="pp2"),
+    pytest.param(("qwen2", 2, 1), id="qwen2-tp2", marks=pytest.mark.extended),
+    pytest.param(("qwen3", 2, 1), id="qwen3-tp2"),
+]
+
+
+@pytest.fixture(scope="module", params=PARALLEL_CASES)
 def parallel_checkpoint(request, tiny_hf, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """(HF source, the same model imported and re-saved by 2 ranks, the parallel setting used)."""
     arch, tp, pp = request.param

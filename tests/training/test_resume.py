@@ -138,6 +138,10 @@ def data_parallel_command(run_dir: Path) -> list[str]:
     return script_command("scripts/train_dft.py", f"run.dir={run_dir}", *ARGS, "trainer.devices=2", nproc=2)
 
 
+# Extended tier (`make test-all`): tests/cluster/test_slurm_end_to_end.py signals rank 1 alone of a
+# 2-rank run and checks that every rank stops after the same step with a checkpoint and resumes;
+# test_distributed_optimizer_resume.py checks that a 2-rank resume is bit-exact.
+@pytest.mark.extended
 def test_signal_to_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):
     """SIGUSR1 to data-parallel rank 1 only: both ranks stop after the same step and save; the rerun
     continues exactly like an uninterrupted 2-rank run."""
