@@ -43,12 +43,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.dft_vs_sft import Runner, StageError, negative_quality  # noqa: E402
+from benchmarks.dft_vs_sft import Runner, StageError  # noqa: E402
 from nemo_dft.data.io import read_rows, write_text_atomic  # noqa: E402
 
 STAGES = ("hf", "import", "data", "negatives", "eval-before", "train", "export", "adapter", "eval-after",
           "answer")
 GEN_PYTHON = REPO / ".venv-gen" / "bin" / "python"
+ANSWER_MARK = "The answer is:"
 HELDOUT_ID_OFFSET = 100000  # held-out rows share one generation call with the training rows
 
 
@@ -69,6 +70,24 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(train=16, heldout=16, neg_tokens=40, steps=2, answer_tokens=32)
+
+
+def negative_quality(path: Path) -> dict:
+    """The negatives' share with the reference's number (evaluate.py's extract=number) and share in
+    the task's format (ending ``The answer is: N``)."""
+    from nemo_dft.evaluation.extraction import is_correct
+
+    texts = [(row[k][-1]["content"], row["real"][-1]["content"]) for row in read_rows(path)
+             for k in sorted(row) if k.startswith("generated_")]
+    share = (lambda n: n / len(texts) if texts else None)  # noqa: E731
+    return {"samples": len(texts), "correct_share": share(sum(is_correct(t, r, "number") for t, r in texts)),
+            "format_share": share(sum(ANSWER_MARK in t for t, _ in texts))}
+
+
+def format_share(result: dict) -> float | None:
+    """Share of the greedy answers in the task's format (``The answer is: N``)."""
+    answers = [e.get("prediction") or "" for e in result.get("examples", [])]
+    return sum(ANSWER_MARK in a for a in answers) / len(answers) if answers else None
 
 
 def vllm_available(python: Path) -> bool:
@@ -128,7 +147,7 @@ class Demo:
 
     def _evaluate(self, name: str, model: Path, data: Path, out: Path) -> None:
         self.script(name, "evaluate.py", "--model", str(model), "--data", str(data), "--out", str(out),
-                    "extract=answer_is", f"max_new_tokens={self.s.answer_tokens}", "batch_size=32",
+                    "extract=number", f"max_new_tokens={self.s.answer_tokens}", "batch_size=32",
                     f"num_threads={self.threads}", "progress=false", "backend=hf",
                     f"max_length={self.s.max_length}", f"max_prompt_length={self.s.max_prompt_length}")
 
@@ -238,43 +257,44 @@ class Demo:
         return 0
 
     def summary(self, seconds: float) -> None:
-        def metrics(path: Path) -> dict:
-            result = json.loads(path.read_text())
-            return result.get("summary", result)
-
-        before, after = metrics(self.eval_dir / "before.json"), metrics(self.eval_dir / "after.json")
+        results = {when: json.loads((self.eval_dir / f"{when}.json").read_text()) for when in ("before", "after")}
+        numbers = {when: {**{k: r.get("summary", r).get(k) for k in ("n", "accuracy", "rank_acc", "rank_acc_sum",
+                                                                    "mean_pos_logp_per_token")},
+                          "format_share": format_share(r)} for when, r in results.items()}
         answers = json.loads((self.out / "answer.json").read_text())
         quality = negative_quality(self.data / "train-neg.jsonl")
 
-        def fmt(value) -> str:
-            return "-" if value is None else f"{value:.3f}"
+        def row(label: str, key: str) -> str:
+            cells = ["-" if numbers[w][key] is None else f"{numbers[w][key]:.3f}" for w in ("before", "after")]
+            return f"   {label:<34} {cells[0]:>7} {cells[1]:>7}"
 
-        lines = [f"== real-demo summary ({seconds:.0f} s this run; DIR {self.out})",
-                 f"   {'held-out (n=' + str(before['n']) + ')':<22} {'before':>8} {'after':>8}"]
-        for key, label in (("accuracy", "greedy accuracy"), ("rank_acc", "ranking accuracy"),
-                           ("n_extracted", "answers extracted"), ("mean_pos_logp_per_token", "logp/token, answer")):
-            lines.append(f"   {label:<22} {fmt(before.get(key)) if key != 'n_extracted' else before.get(key):>8} "
-                         f"{fmt(after.get(key)) if key != 'n_extracted' else after.get(key):>8}")
-        lines.append(f"   negatives right: {quality['correct_share']:.0%} of {quality['samples']} training samples")
-        lines.append("   stage seconds: " + ", ".join(f"{k} {'cached' if v is None else f'{v:.0f}'}"
-                                                     for k, v in self.times.items()))
-        lines.append(f"   Q: {answers['question']}")
+        n = numbers["before"]["n"]
+        lines = [f"== real-demo summary: {seconds:.0f} s (stages skipped as done excluded); run directory {self.out}",
+                 f"   {f'held-out problems (n={n})':<34} {'before':>7} {'after':>7}",
+                 row("greedy accuracy (extract=number)", "accuracy"),
+                 row("ranking accuracy (vs m negatives)", "rank_acc"),
+                 row("answers ending 'The answer is: N'", "format_share"),
+                 row("log-prob per answer token", "mean_pos_logp_per_token"),
+                 f"   negatives: {quality['samples']} training samples, {quality['correct_share']:.0%} with the right "
+                 f"number, {quality['format_share']:.0%} in the task's format",
+                 "   seconds: " + ", ".join(f"{k} {'skipped' if v is None else f'{v:.0f}'}"
+                                             for k, v in self.times.items()),
+                 f"   Q: {answers['question']}"]
         for key in ("transformers", "peft", "vllm"):
             if key in answers:
-                lines.append(f"   A ({key}): {' '.join(answers[key].split())[:160]}")
-        lines += [f"   HF model   {self.hf_dir}", f"   NeMo       {self.nemo_dir}",
-                  f"   trained    {self.last_checkpoint()}", f"   merged HF  {self.merged}"]
+                lines.append(f"   A ({key}{', merged export' if key != 'peft' else ', adapter on the base'}): "
+                             f"{' '.join(answers[key].split())[:150]}")
+        lines += [f"   HF base      {self.hf_dir}", f"   NeMo import  {self.nemo_dir}",
+                  f"   checkpoint   {self.last_checkpoint()}", f"   merged HF    {self.merged}"]
         if self.lora:
-            lines.append(f"   adapter    {self.adapter}")
-        lines.append(f"   logs       {self.out / 'logs'}/<stage>.log; summary.json")
+            lines.append(f"   PEFT adapter {self.adapter}")
+        lines.append(f"   logs         {self.out / 'logs'}/<stage>.log; numbers in summary.json")
         print("\n".join(lines), flush=True)
-        record = {"seconds": seconds, "stage_seconds": self.times, "before": {k: before.get(k) for k in (
-            "n", "accuracy", "rank_acc", "n_extracted", "mean_pos_logp_per_token")},
-            "after": {k: after.get(k) for k in ("n", "accuracy", "rank_acc", "n_extracted",
-                                                "mean_pos_logp_per_token")},
-            "negatives": quality, "answers": answers, "sizes": asdict(self.s), "train_args": self.train_args,
-            "paths": {"hf": str(self.hf_dir), "nemo": str(self.nemo_dir), "checkpoint": str(self.last_checkpoint()),
-                      "merged": str(self.merged), "adapter": str(self.adapter) if self.lora else None}}
+        record = {"seconds": seconds, "stage_seconds": self.times, **numbers, "negatives": quality,
+                  "answers": answers, "sizes": asdict(self.s), "train_args": self.train_args,
+                  "paths": {"hf": str(self.hf_dir), "nemo": str(self.nemo_dir),
+                            "checkpoint": str(self.last_checkpoint()), "merged": str(self.merged),
+                            "adapter": str(self.adapter) if self.lora else None, "logs": str(self.out / "logs")}}
         write_text_atomic(self.out / "summary.json", json.dumps(record, indent=2) + "\n")
 
 
