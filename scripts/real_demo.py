@@ -140,10 +140,9 @@ class Demo:
         self.run.script(name, script, *args, python=python)
 
     # -- stages ------------------------------------------------------------------------------------
-    def make_hf(self) -> str:
+    def make_hf(self) -> None:
         self.script("hf", "smollm2_to_hf.py", "--cache-dir", str(self.cache_dir))
         self.hf_dir = Path((self.out / "logs" / "hf.log").read_text().strip().splitlines()[-1])
-        return str(self.hf_dir)
 
     def _evaluate(self, name: str, model: Path, data: Path, out: Path) -> None:
         self.script(name, "evaluate.py", "--model", str(model), "--data", str(data), "--out", str(out),
