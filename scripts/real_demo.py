@@ -145,9 +145,11 @@ class Demo:
         self.hf_dir = Path((self.out / "logs" / "hf.log").read_text().strip().splitlines()[-1])
 
     def _evaluate(self, name: str, model: Path, data: Path, out: Path) -> None:
+        # one torch thread: with two, HF generate and scoring spent 3.8 CPU-minutes spinning on 32 problems
+        # on the 2-core machine under load (against 0.5 on one thread; docs/generation.md saw the same)
         self.script(name, "evaluate.py", "--model", str(model), "--data", str(data), "--out", str(out),
                     "extract=number", f"max_new_tokens={self.s.answer_tokens}", "batch_size=32",
-                    f"num_threads={self.threads}", "progress=false", "backend=hf",
+                    "num_threads=1", "backend=hf",
                     f"max_length={self.s.max_length}", f"max_prompt_length={self.s.max_prompt_length}")
 
     def make_data(self) -> None:
@@ -312,6 +314,7 @@ def answer(args: argparse.Namespace) -> int:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        torch.set_num_threads(1)  # as the evaluation: two threads spin against a loaded 2-core machine
         tokenizer = AutoTokenizer.from_pretrained(args.answer)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
 
