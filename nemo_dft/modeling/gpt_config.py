@@ -80,11 +80,13 @@ def make_gpt_config(cfg: DictConfig, on_gpu: bool):
     in ``model.init_from``), with ``model.config`` overrides, precision and layout."""
     # the memory keys first, so that an explicit model.config.<field> still wins
     overrides = {**memory.transformer_fields(cfg.model), **model_config_overrides(cfg)}
-    overrides.setdefault("seq_length", cfg.data.max_length)
     try:
         base = checkpoint_gpt_config(cfg.model.init_from) if cfg.model.preset == "checkpoint" else None
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    # A checkpoint keeps its own context length (an export's max_position_embeddings; vLLM refuses longer
+    # prompts), not the training crop: SmolLM2 trained at max_length 160 was exported as a 160-token model.
+    overrides.setdefault("seq_length", max(cfg.data.max_length, getattr(base, "seq_length", 0) or 0))
     shape = {name: getattr(base if base is not None else ARCHITECTURES.get(cfg.model.arch), name, None)
              for name in ("num_layers", "num_attention_heads", "num_query_groups")}
     shape.update({name: value for name, value in overrides.items() if name in shape})
