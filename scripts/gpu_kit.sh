@@ -254,6 +254,7 @@ cmd_check() {
         touch "$venv/.ready"
     fi
     say "emulated image: $venv (Python $pyver, $("$venv/bin/python" -m pip list 2>/dev/null | wc -l) packages)"
+    KIT_DIR=$REPO/build/gpu-kit-wheels-cp${pyver/./}  # .gpu-wheels/ keeps the cp312 kit for the GPU
     GPU_KIT_PYTHON_VERSION=$pyver PYTHON=${PREPARE_PYTHON:-python3} cmd_prepare
     PYTHON=$venv/bin/python GPU_KIT_SITE=$REPO/build/gpu-kit-site OUT=${OUT:-$REPO/runs/gpu-kit-check} cmd_run --cpu
     "$venv/bin/python" - "${OUT:-$REPO/runs/gpu-kit-check}/gpu_report.json" <<'EOF'
