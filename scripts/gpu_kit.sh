@@ -91,7 +91,7 @@ CPU_TORCH=${GPU_KIT_CPU_TORCH:-torch==2.13.0}
 
 norm() { tr '[:upper:]' '[:lower:]' | tr '_.' '--'; }
 
-say() { echo "gpu_kit: $*"; }
+say() { echo "gpu_kit: $*"; }  # part() appends its lines to the log too
 
 cmd_packages() {
     echo "kit: ${KIT_PACKAGES[*]}"
@@ -190,8 +190,11 @@ cmd_run() {
     local t0
     t0=$(date +%s)
     rm -rf "$site"
+    local rc=0
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "$KIT_DIR"/*.whl 2>&1 | grep -v 'is neither a file nor a directory' | tee -a "$STATUS_LOG" || true
+        "$KIT_DIR"/*.whl >"$runs/install.log" 2>&1 || rc=$?
+    grep -v 'is neither a file nor a directory' "$runs/install.log" | tee -a "$STATUS_LOG" || true
+    ((rc == 0)) || { say "error: pip install of the kit failed (rc=$rc)" | tee -a "$STATUS_LOG"; exit 1; }
     export PYTHONPATH=$site
     echo "{\"part\": \"install\", \"rc\": 0, \"seconds\": $(($(date +%s) - t0))}" >>"$STATUS"
     say "installed $(find "$KIT_DIR" -name '*.whl' | wc -l) wheels into $site in $(($(date +%s) - t0)) s"

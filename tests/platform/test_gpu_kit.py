@@ -57,7 +57,8 @@ def test_pulp_stub_imports_and_refuses_use(tmp_path):
     wheel = module.build(tmp_path)
     with zipfile.ZipFile(wheel) as whl:
         whl.extractall(tmp_path / "site")
-    code = "import pulp\ntry:\n    pulp.LpProblem\nexcept ImportError as e:\n    print('refused', e)\n"
+    code = ("import pulp\nx: list[pulp.LpVariable] = []\ntry:\n    pulp.LpProblem(name='p')\n"
+            "except ImportError as e:\n    print('refused', e)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                             env={"PYTHONPATH": str(tmp_path / "site")})
     assert result.stdout.startswith("refused pulp.LpProblem"), result.stderr
