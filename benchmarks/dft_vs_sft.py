@@ -113,7 +113,9 @@ class Runner:
 
     def script(self, name: str, script: str, *args: str, attempts: int = 3) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(self.threads), MASTER_ADDR="127.0.0.1",
+        # the repository first, then any PYTHONPATH given (scripts/gpu_kit.sh installs NeMo with --target)
+        path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env.update(PYTHONPATH=path, OMP_NUM_THREADS=str(self.threads), MASTER_ADDR="127.0.0.1",
                    TOKENIZERS_PARALLELISM="false")
         command = [sys.executable, str(REPO / "scripts" / script), *args]
         log_path = self.out / "logs" / f"{name}.log"
