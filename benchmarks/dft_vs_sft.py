@@ -117,7 +117,9 @@ class Runner:
         """Run scripts/<script> with ``python`` (default: this interpreter), its output in
         OUT/logs/<name>.log; returns the seconds it took, raises StageError with the log's tail."""
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(self.threads), MASTER_ADDR="127.0.0.1",
+        # the repository first, then any PYTHONPATH given (scripts/gpu_kit.sh installs NeMo with --target)
+        path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env.update(PYTHONPATH=path, OMP_NUM_THREADS=str(self.threads), MASTER_ADDR="127.0.0.1",
                    TOKENIZERS_PARALLELISM="false")
         command = [python or sys.executable, str(REPO / "scripts" / script), *args]
         log_path = self.out / "logs" / f"{name}.log"

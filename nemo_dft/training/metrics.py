@@ -95,6 +95,8 @@ class MetricsJsonl(pl.Callback):
         if self.throughput is not None:
             record.update(self.throughput.measure(values["tokens"], values["padded_tokens"],
                                                   values["padded_token_pairs"], elapsed))
+        if torch.cuda.is_available():  # this rank's peak since the start (GPU runs; scripts/gpu_kit.sh reads it)
+            record["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if getattr(pl_module, "nonfinite_guard", None) is not None:
             record["skipped_steps"] = pl_module.nonfinite_guard.skipped  # trainer.nonfinite=skip
         if without_negatives(pl_module):  # nothing to rank: null, not a misleading 0
