@@ -10,6 +10,7 @@ a plain transformers forward pass.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,18 @@ def runs(tmp_path_factory):
     for name, (mb, dp, pp) in LAYOUTS.items():
         launch(root / name, data, f"model.init_from={init}", "trainer.max_steps=1", f"model.micro_batch_size={mb}",
                f"trainer.devices={dp * pp}", f"model.pipeline_model_parallel_size={pp}", nproc=dp * pp)
-    # micro-batch 2, stopped after step 1 and resumed to step 2
-    launch(root / "resumed", data, f"model.init_from={init}", "trainer.max_steps=1", "model.micro_batch_size=2")
-    first_start = records(root / "resumed")
-    launch(root / "resumed", data, f"model.init_from={init}", "trainer.max_steps=2", "model.micro_batch_size=2")
+    # micro-batch 2, two steps, then as if it had died after step 1's checkpoint (a finished run is not
+    # resumed: a rerun of it is a no-op), and resumed to step 2
+    resumed = [data, f"model.init_from={init}", "trainer.max_steps=2", "model.micro_batch_size=2",
+               "checkpoint.every_n_steps=1"]
+    launch(root / "resumed", *resumed)
+    checkpoints = root / "resumed" / "checkpoints"
+    for name in ("step=2", "step=2-last"):
+        shutil.rmtree(checkpoints / name, ignore_errors=True)
+    if not (checkpoints / "step=1-last").exists():  # the -last save of step 1, rotated away by step 2's
+        (checkpoints / "step=1").rename(checkpoints / "step=1-last")
+    first_start = [r for r in records(root / "resumed") if r["step"] <= 1]
+    launch(root / "resumed", *resumed)
     expected = {"init": hf_share(init, heldout, root / "hf-init")}
     for name in [*LAYOUTS, "resumed"]:
         expected[name] = hf_share(last_checkpoint(root / name), heldout, root / f"hf-{name}")
@@ -117,7 +126,7 @@ def test_every_row_scored_once_before_and_after(runs, name):
 def test_resume_keeps_the_first_before(runs):
     got = records(runs["root"] / "resumed")
     assert got[:2] == runs["first_start"]  # the first start's before and step-1 results are kept
-    assert [(r["step"], r["when"]) for r in got] == [(0, "before"), (1, "after"), (2, "after")]
+    assert [(r["step"], r["when"]) for r in got] == [(0, "before"), (1, "periodic"), (2, "after")]
     assert got[0]["rank_acc"] == runs["expected"]["init"]
     assert got[2]["rank_acc"] == runs["expected"]["resumed"]
     assert all(r["examples"] == ROWS for r in got)
