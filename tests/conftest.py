@@ -83,3 +83,28 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return smollm2_hf_dir(cache, "float32")
     except RealModelUnavailable as err:
         pytest.fail(f"{err} (make env installs it)")
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` (started with ``start_new_session=True``) and every process below it, and
+    wait until all are gone.  torchrun's workers are not all in its process group, so ``killpg``
+    alone can leave a rank running (still holding the run.dir lock, still writing) after ``wait()``."""
+    import signal
+
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for member in tree:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=60)
+    process.wait()

@@ -6,9 +6,7 @@ generators, computes the same losses as the DP = 2 one."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_child, script_command, subprocess_env
+from tests.conftest import REPO, kill_process_tree, run_child, script_command, subprocess_env
 from tests.training.test_resume import COMPARED, complete_last_checkpoints, final_u, metrics
 
 pytestmark = pytest.mark.slow
@@ -50,8 +48,7 @@ def killed_and_uninterrupted(tmp_path_factory) -> tuple[Path, Path, Path]:
         assert process.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_process_tree(process)
     assert len(metrics(killed)) < STEPS, "the kill came too late to test a resume"
     at_dp1 = root / "killed_dp1"
     shutil.copytree(killed, at_dp1)

@@ -101,12 +101,10 @@ def test_only_the_adapters_train(runs):
 def test_killed_lora_run_resumes_bit_exactly(tmp_path):
     """SIGKILL after the first checkpoint, rerun: same metrics, u table, adapters and Adam state as an
     uninterrupted run (adapter dropout and model dropout on, so the generators must be restored too)."""
-    import os
-    import signal
     import subprocess
     import time
 
-    from tests.conftest import REPO, subprocess_env
+    from tests.conftest import REPO, kill_process_tree, subprocess_env
     from tests.training.test_resume import ARGS, assert_same_run, complete_last_checkpoints, metrics
 
     extra = ["peft.scheme=lora", "peft.dropout=0.1", "dft.reference=frozen", "log.tensorboard=false"]
@@ -124,8 +122,7 @@ def test_killed_lora_run_resumes_bit_exactly(tmp_path):
         assert process.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_process_tree(process)
     assert len(metrics(run_dir)) < 10, "the kill came too late to test a resume"
     result = run_child(command(run_dir))
     assert result.returncode == 0, result.stderr[-6000:]

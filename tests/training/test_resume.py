@@ -7,7 +7,6 @@ Dropout is on, so exactness also needs the random generators restored from the c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_child, script_command, subprocess_env
+from tests.conftest import REPO, kill_process_tree, run_child, script_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +70,7 @@ def kill_after_first_checkpoint(run_dir: Path, launch: list[str]) -> None:
         assert process.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_process_tree(process)
     trained_before_kill = len(metrics(run_dir))
     assert trained_before_kill < 10, "the kill came too late to test a resume"
 
