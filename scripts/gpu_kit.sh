@@ -142,7 +142,7 @@ cmd_prepare() {
             say "built $spec from its sdist"
         fi
     done
-    (cd "$REPO" && "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/self" . 2>"$tmp/err") ||
+    (cd "$REPO" && "$py" -m pip wheel -q --no-deps -w "$tmp/self" . 2>"$tmp/err") ||
         { cat "$tmp/err" >&2; exit 1; }
     mv "$tmp"/self/nemo_dft-*.whl "$KIT_DIR"/
     "$py" "$REPO/scripts/gpu_kit_pulp_stub.py" "$KIT_DIR" >/dev/null
@@ -170,6 +170,19 @@ part() {  # part NAME TIMEOUT_S CMD...: run with a time limit, record rc and sec
     set -e
     say "part $name: rc=$rc in $(($(date +%s) - t0)) s"
     echo "{\"part\": \"$name\", \"rc\": $rc, \"seconds\": $(($(date +%s) - t0)), \"limit_s\": $limit}" >>"$STATUS"
+}
+
+# packed_and_padded PART TIMEOUT_S STEPS OVERRIDES...: the same training run packed, then padded, as
+# parts PART_packed and PART_padded; called from cmd_run, whose py, runs and common it reads.
+packed_and_padded() {
+    local name=$1 limit=$2 steps=$3 mode
+    shift 3
+    for mode in packed padded; do
+        local packing=false
+        [[ $mode == packed ]] && packing=true
+        part "${name}_$mode" "$limit" "$py" "$REPO/scripts/train_dft.py" "run.dir=$runs/${name}_$mode" \
+            "trainer.max_steps=$steps" "data.packing=$packing" "${common[@]}" "$@"
+    done
 }
 
 cmd_run() {
@@ -219,21 +232,11 @@ cmd_run() {
         steps_a=20
     fi
     local limit_a=$((cpu ? 600 : 120)) limit_b=$((cpu ? 300 : 50))
-    for mode in packed padded; do
-        local packing=false
-        [[ $mode == packed ]] && packing=true
-        part "a_$mode" "$limit_a" "$py" "$REPO/scripts/train_dft.py" "run.dir=$runs/a_$mode" "trainer.max_steps=$steps_a" \
-            "data.packing=$packing" "${common[@]}" "${a[@]}"
-    done
+    packed_and_padded a "$limit_a" "$steps_a" "${a[@]}"
     "$py" "$REPO/scripts/memory_plan.py" "${common[@]}" "${a[@]}" --gpu-gb "$( ((cpu)) && echo 80 || "$py" -c \
         'import torch; print(round(torch.cuda.get_device_properties(0).total_memory / 1e9))' 2>/dev/null || echo 80)" \
         >"$runs/memory_plan.txt" 2>&1 || true
-    for mode in packed padded; do
-        local packing=false
-        [[ $mode == packed ]] && packing=true
-        part "b_$mode" "$limit_b" "$py" "$REPO/scripts/train_dft.py" "run.dir=$runs/b_$mode" "trainer.max_steps=3" \
-            "data.packing=$packing" "${common[@]}" "${b[@]}"
-    done
+    packed_and_padded b "$limit_b" 3 "${b[@]}"
     if ((cpu)) && [[ -z ${GPU_KIT_WITH_BENCHMARK:-} ]]; then
         say "part c (benchmark --quick) not run under --cpu (set GPU_KIT_WITH_BENCHMARK=1)"
     else
