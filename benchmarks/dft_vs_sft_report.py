@@ -7,7 +7,12 @@ from pathlib import Path
 
 from nemo_dft.data.io import write_text_atomic
 
-LABELS = {"sft": "SFT", "dft": "DFT (tau 1.0, gamma 0.85)", "dft2": "DFT2 (tau 0.3, gamma 0.9)"}
+LABELS = {"sft": "SFT", "dft": "DFT (tau 1.0, gamma 0.85)", "dft2": "DFT2 (tau 0.3, gamma 0.9)",
+          "dft_filtered": "DFT, verifier-filtered negatives (tau 1.0, gamma 0.85)"}
+REGIME_TITLES = {
+    "paper": "Paper regime: a pre-trained-only base, the paper's raw MetaMath generation prompt, the alpaca template",
+    "sft-base": "Ablation: a base trained with SFT on the task's own format (the first version of this benchmark)",
+}
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -21,15 +26,20 @@ def _fmt(value: float | None) -> str:
 def table(results: dict) -> str:
     """The Markdown report: held-out accuracy per method, negative quality and training statistics."""
     p = results["protocol"]
+    regime = results.get("regime", {"name": "sft-base"})
+    base_label = (f"base (pre-trained on the generic corpus, {results['base']['steps']} steps)"
+                  if regime["name"] == "paper" else f"base (SFT on the pre-training split, {p['base_steps']} steps)")
     lines = [
+        f"## {REGIME_TITLES.get(regime['name'], regime['name'])}",
+        "",
         f"Held-out split: {p['heldout']} problems; fine-tuning: {p['finetune']} problems, {p['finetune_steps']} "
         f"steps x {p['batch']} prompts, m = {p['num_negatives']} negatives per prompt per epoch, {p['epochs']} "
-        f"epoch(s); seeds {p['seeds']}; learning rate per method from {p['lr_grid']} on the validation split "
-        f"({p['validation']} problems).",
+        f"epoch(s); seeds {p['seeds']}; learning rate per method from the grid {p['lr_grid']} (extended past an "
+        f"edge up to {p.get('max_extensions', 0)} times) on the validation split ({p['validation']} problems).",
         "",
         "| model | lr | held-out accuracy (mean ± std) | per seed | ranking accuracy (mean ± std) |",
         "|---|---|---|---|---|",
-        f"| base (SFT on the pre-training split, {p['base_steps']} steps) | {p['base_lr']:g} | "
+        f"| {base_label} | {p['base_lr']:g} | "
         f"{_fmt(results['base']['heldout_accuracy'])} | | {_fmt(results['base'].get('rank_acc'))} |",
     ]
     for method, entry in results["methods"].items():
@@ -37,12 +47,19 @@ def table(results: dict) -> str:
         lines.append(f"| {LABELS.get(method, method)} | {entry['lr']:g} | "
                      f"{_pm(entry['heldout_accuracy_mean'], entry['heldout_accuracy_std'])} | {seeds} | "
                      f"{_pm(entry['rank_acc_mean'], entry['rank_acc_std'])} |")
-    lines += ["", "Negatives sampled from the base model (temperature 0.7, top-k 50):", "",
-              "| split | samples | correct final answer | identical to the reference | no answer |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Negatives sampled from the base model (temperature 0.7, top-k 50, top-p 1.0):", "",
+              "| split | prompts | samples | correct final answer | last number correct | correct number anywhere "
+              "| identical to the reference | no answer phrase |",
+              "|---|---|---|---|---|---|---|---|"]
     for split, q in results["negatives"].items():
-        lines.append(f"| {split} | {q['samples']} | {_fmt(q['correct_share'])} | {_fmt(q['identical_share'])} | "
-                     f"{_fmt(q['unanswered_share'])} |")
+        lines.append(f"| {split} | {q.get('prompts', 'n/a')} | {q['samples']} | {_fmt(q['correct_share'])} | "
+                     f"{_fmt(q.get('number_correct_share'))} | {_fmt(q.get('contains_answer_share'))} | "
+                     f"{_fmt(q['identical_share'])} | {_fmt(q['unanswered_share'])} |")
+    counts = results["negatives"].get("finetune_filtered", {}).get("filter")
+    if counts:
+        lines += ["", f"finetune_filtered: filter {results['dft_filtered']['filter']}; {counts['samples']} samples "
+                  f"drawn in {counts['filter_rounds']} round(s), {counts['filtered_correct']} filtered out as correct, "
+                  f"{counts['prompts_short']} prompts short of incorrect samples, {counts['prompts_dropped']} dropped."]
     lines += ["", "Training statistics over the last quarter of the steps (mean over seeds):", "",
               "| method | loss | u mean | weight mean | pos log-p | neg log-p | training rank_acc |",
               "|---|---|---|---|---|---|---|"]
@@ -53,12 +70,34 @@ def table(results: dict) -> str:
             cols.append(_fmt(sum(values) / len(values)) if values else "n/a")
         lines.append(f"| {method} | " + " | ".join(cols) + " |")
     validation = results["lr_choice"]["validation_accuracy"]
-    lines += ["", "Validation accuracy of the learning-rate grid (seed "
-              f"{results['lr_choice']['seed']}; chosen before the held-out split was scored):", "",
-              "| method | " + " | ".join(f"lr {lr}" for lr in next(iter(validation.values()))) + " |",
-              "|---|" + "---|" * len(next(iter(validation.values())))]
+    rates = sorted({float(r) for scores in validation.values() for r in scores})
+    lines += ["", "Validation accuracy per learning rate (seed "
+              f"{results['lr_choice']['seed']}; chosen before the held-out split was scored; chosen rate in bold):",
+              "", "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " |", "|---|" + "---|" * len(rates)]
     for method, scores in validation.items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(v) for v in scores.values()) + " |")
+        chosen = results["lr_choice"]["lr"][method]
+        cells = []
+        for r in rates:
+            value = scores.get(f"{r:g}", "-")
+            text = value if value == "-" else _fmt(value)
+            cells.append(f"**{text}**" if r == chosen else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, grown in results["lr_choice"].get("extensions", {}).items():
+        if grown:
+            lines.append(f"\n{method}: grid extended ({'; '.join(grown)}).")
+    trajectories = {m: e["trajectory"] for m, e in results["methods"].items() if e.get("trajectory")}
+    if trajectories:
+        lines += ["", f"Over training (seed {p['seeds'][0]}; u, weights and log-probabilities of the negatives under "
+                  "the policy, summed over tokens):", "",
+                  "| method | step | loss | u mean | weight mean | pos log-p | neg log-p |",
+                  "|---|---|---|---|---|---|---|"]
+        for method, points in trajectories.items():
+            shown = points[:: max(len(points) // 6, 1)]
+            if shown[-1] != points[-1]:
+                shown.append(points[-1])
+            for point in shown:
+                lines.append(f"| {method} | {point['step']} | " + " | ".join(
+                    _fmt(point.get(k)) for k in ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps")) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_dft.data.io import write_text_atomic
@@ -26,30 +27,56 @@ SPLITS = ("pretrain", "finetune", "validation", "heldout")
 MAX_OPERAND = 20
 
 
-def _one_step(rng: random.Random) -> tuple[str, list[str], int]:
+@dataclass(frozen=True)
+class Problem:
+    """One word problem: its setup sentences, question, worked steps and result."""
+
+    setup: str  # the story before the question ("Ann has 3 pens and gets 4 more.")
+    question_sentence: str  # "How many pens does Ann have?"
+    steps: tuple[str, ...]  # ("3 + 4 = 7.",)
+    answer: int
+    name: str
+    item: str
+
+    @property
+    def question(self) -> str:
+        return f"{self.setup} {self.question_sentence}"
+
+    @property
+    def worked_answer(self) -> str:
+        return " ".join([*self.steps, f"{ANSWER_PREFIX} {self.answer}"])
+
+
+def _one_step(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
+    asked = f"How many {item} does {name} have?"
     if rng.random() < 0.5:
-        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have?"
-        return question, [f"{a} + {b} = {a + b}."], a + b
+        return Problem(f"{name} has {a} {item} and gets {b} more.", asked, (f"{a} + {b} = {a + b}.",), a + b,
+                       name, item)
     a, b = max(a, b), min(a, b)
-    question = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have?"
-    return question, [f"{a} - {b} = {a - b}."], a - b
+    return Problem(f"{name} has {a} {item} and gives away {b}.", asked, (f"{a} - {b} = {a - b}.",), a - b,
+                   name, item)
 
 
-def _two_step(rng: random.Random) -> tuple[str, list[str], int]:
+def _two_step(rng: random.Random) -> Problem:
     name, other, item = *rng.sample(NAMES, 2), rng.choice(ITEMS)
     a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
     c = rng.randint(1, a + b)
-    question = (f"{name} has {a} {item}. {other} gives {name} {b} more. {name} gives away {c}. "
-                f"How many {item} does {name} have?")
-    return question, [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."], a + b - c
+    setup = f"{name} has {a} {item}. {other} gives {name} {b} more. {name} gives away {c}."
+    return Problem(setup, f"How many {item} does {name} have?",
+                   (f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."), a + b - c, name, item)
+
+
+def draw_problem(rng: random.Random) -> Problem:
+    """One problem from ``rng`` (one or two steps, even odds)."""
+    return (_two_step if rng.random() < 0.5 else _one_step)(rng)
 
 
 def make_problem(rng: random.Random) -> tuple[str, str, int]:
     """(question, worked answer ending ``The answer is: N``, N)."""
-    question, steps, answer = (_two_step if rng.random() < 0.5 else _one_step)(rng)
-    return question, " ".join([*steps, f"{ANSWER_PREFIX} {answer}"]), answer
+    problem = draw_problem(rng)
+    return problem.question, problem.worked_answer, problem.answer
 
 
 def row(index: int, question: str, answer: str) -> dict:
@@ -111,6 +138,16 @@ def _corpus(seed: int = 12345, count: int = 20000) -> Iterator[str]:
         yield f"<|assistant|>\n{answer}"
     yield " ".join(str(n) for n in range(0, 2 * MAX_OPERAND + 1))
     yield "<|system|>\nYou are an unhelpful assistant."
+    # The pre-training corpus's words and the alpaca and generation prompts, so that neither falls
+    # apart into single bytes (a tokenizer sees all text; the models see only their own data).
+    from nemo_dft.demo.arithmetic_corpus import corpus_rows
+
+    for document in corpus_rows(count // 4, seed):
+        yield document["real"][-1]["content"]
+    for _ in range(50):
+        yield ("Below is an instruction that describes a task. Write a response that appropriately completes "
+               "the request.\n\n### Instruction:\n")
+        yield "\n\n### Response: ### Question: "
 
 
 def build_task_tokenizer(out_dir: Path) -> None:

@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_dft.config.loading import ConfigError, load_structured
 from nemo_dft.data.chat_template import NAMED_CHAT_TEMPLATES
+from nemo_dft.evaluation.extraction import EXTRACTIONS
+from nemo_dft.generation.verifier_filter import SHORT_POLICIES
 
 DEFAULT_SYSTEM_MESSAGE = "You are an unhelpful assistant."
 ALPACA_TEMPLATE = (
@@ -83,6 +85,14 @@ class SamplingConfig:
 
 
 @dataclass
+class FilterConfig:
+    # drop samples whose final answer equals the reference's (nemo_dft/generation/verifier_filter.py)
+    exclude_correct: bool = False
+    extract: str = "answer_is"  # answer_is | number | exact: the extractors of scripts/evaluate.py
+    on_short: str = "drop"  # too few incorrect samples after the rounds: drop the prompt, or keep correct ones
+
+
+@dataclass
 class OutputConfig:
     dir: str | None = None
 
@@ -121,6 +131,7 @@ class GenerationConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
@@ -152,6 +163,8 @@ def validate_for_generation(cfg: DictConfig) -> None:
     _choice(cfg, "prompt.style", PROMPT_STYLES)
     _choice(cfg, "data.format.layout", LAYOUTS)
     _choice(cfg, "sampling.on_empty", EMPTY_POLICIES)
+    _choice(cfg, "filter.extract", EXTRACTIONS)
+    _choice(cfg, "filter.on_short", SHORT_POLICIES)
     if cfg.prompt.style == "template" and "{query}" not in cfg.prompt.template:
         raise ConfigError("'prompt.template' must contain the placeholder {query}")
     fallback = cfg.prompt.fallback_template
@@ -200,6 +213,8 @@ def settings(cfg: DictConfig) -> dict[str, Any]:
         "prompt": OmegaConf.to_container(cfg.prompt),
         "sampling": OmegaConf.to_container(cfg.sampling),
         "shard_count": cfg.shard.count,
+        # only when on, so that shards generated before the filter existed keep their fingerprint
+        **({"filter": OmegaConf.to_container(cfg.filter)} if cfg.filter.exclude_correct else {}),
     }
 
 

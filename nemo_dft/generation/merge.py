@@ -79,6 +79,7 @@ def merge_shards(out_dir: str | Path, count: int, output: str | Path | None = No
     seeds: list[Any] = []
     counts: dict[str, int] = {}
     owner: dict[Any, int] = {}
+    all_dropped: list[Any] = []
     first: dict[str, Any] | None = None
     expected_start = 0
     for index in range(count):
@@ -111,25 +112,27 @@ def merge_shards(out_dir: str | Path, count: int, output: str | Path | None = No
                     f"{path}: row {position}: duplicate id {example_id!r}, also in shard {owner[example_id]}"
                 )
             owner[example_id] = index
-        if len(rows) != shard["stop"] - shard["start"] or ids_digest(ids) != meta["ids_sha256"]:
+        dropped = meta.get("dropped_ids", [])  # prompts left out by filter.on_short=drop
+        if len(rows) + len(dropped) != shard["stop"] - shard["start"] or ids_digest(ids) != meta["ids_sha256"]:
             raise MergeError(
                 f"{path}: holds {len(rows)} rows whose ids do not match the {shard['stop'] - shard['start']} "
                 "ids of its input slice (incomplete or altered shard); delete it and rerun the generator"
             )
         all_rows.extend(rows)
+        all_dropped.extend(dropped)
         seeds.extend(meta["seeds"])
-        for key, value in meta["counts"].items():
-            counts[key] = counts.get(key, 0) + value
+        for key, value in meta["counts"].items():  # rounds: the most any shard ran; the rest add up
+            counts[key] = max(counts.get(key, 0), value) if key.endswith("_rounds") else counts.get(key, 0) + value
     assert first is not None
     if expected_start != first["num_input_examples"]:
         raise MergeError(
             f"{out_dir}: the shards cover {expected_start} of {first['num_input_examples']} examples"
         )
     target = Path(output) if output else out_dir / MERGED_NAME
-    metadata = {
-        key: value for key, value in first.items() if key not in {"shard", "seeds", "counts", "ids_sha256"}
-    }
-    metadata.update({"shard_count": count, "num_rows": len(all_rows), "counts": counts, "seeds": seeds})
+    per_shard = {"shard", "seeds", "counts", "ids_sha256", "dropped_ids"}
+    metadata = {key: value for key, value in first.items() if key not in per_shard}
+    metadata.update({"shard_count": count, "num_rows": len(all_rows), "counts": counts, "seeds": seeds,
+                     **({"dropped_ids": all_dropped} if all_dropped else {})})
     _write(target, all_rows, metadata)
     return MergeReport(
         path=target, num_rows=len(all_rows), num_negatives=first["settings"]["sampling"]["n"], counts=counts

@@ -33,6 +33,7 @@ from nemo_dft.generation.shards import (
     shard_path,
     write_shard,
 )
+from nemo_dft.generation.verifier_filter import PromptPool, add_sample, select
 
 
 class GenerationError(RuntimeError):
@@ -130,6 +131,11 @@ def generate_shard(
         "resampled": 0,
         "resample_rounds": 0,
     }
+    if cfg.filter.exclude_correct:
+        kept, dropped = _filtered_texts(cfg, examples, prompts, tokenizer, stop_ids, backend, desc, counts)
+        examples = [ex for ex in examples if ex.id not in dropped]
+        texts = [kept[ex.id] for ex in examples]
+        return _rows(examples, texts), counts, [[ex.id, example_seed(base_seed, ex.id)] for ex in examples]
     for round_index in range(int(cfg.sampling.max_resample_rounds) + 1):
         label = desc if round_index == 0 else f"{desc} resample {round_index}"
         token_lists = _sample_all(backend, examples, prompts, slots, base_seed, round_index, label)
@@ -165,14 +171,76 @@ def generate_shard(
         counts["resampled"] += num_empty
         counts["resample_rounds"] = round_index + 1
         slots = still_empty
+    seeds = [[ex.id, example_seed(base_seed, ex.id)] for ex in examples]
+    return _rows(examples, texts), counts, seeds
+
+
+def _rows(examples: list[Example], texts: list[list[str]]) -> list[dict[str, Any]]:
     rows = []
     for ex, samples in zip(examples, texts, strict=True):
         row: dict[str, Any] = {"id": ex.id, "real": ex.real}
         for k, text in enumerate(samples):
             row[f"generated_{k}"] = [*ex.prompt, {"role": "assistant", "content": text}]
         rows.append(row)
-    seeds = [[ex.id, example_seed(base_seed, ex.id)] for ex in examples]
-    return rows, counts, seeds
+    return rows
+
+
+def _filtered_texts(
+    cfg: DictConfig,
+    examples: list[Example],
+    prompts: list[list[int]],
+    tokenizer: Any,
+    stop_ids: set[int],
+    backend: Backend,
+    desc: str,
+    counts: dict[str, int],
+) -> tuple[dict[Any, list[str]], set[Any]]:
+    """Each kept prompt's ``sampling.n`` negatives and the ids of the prompts dropped, under
+    ``filter.exclude_correct`` (the rounds and policies of :mod:`verifier_filter`)."""
+    n, base_seed, rounds = int(cfg.sampling.n), int(cfg.sampling.seed), int(cfg.sampling.max_resample_rounds)
+    pools = [PromptPool() for _ in examples]
+    counts.update(filtered_correct=0, filter_rounds=0, prompts_short=0, prompts_dropped=0, empty_discarded=0)
+    for round_index in range(rounds + 1):
+        slots = [list(range(n)) if pool.short(n) else [] for pool in pools]
+        if not any(slots):
+            break
+        if round_index:
+            counts["samples"] += sum(len(s) for s in slots)
+            _log(f"{desc}: {sum(1 for s in slots if s)} prompts have fewer than {n} incorrect samples; "
+                 f"sampling {n} more for each (round {round_index})")
+        label = desc if round_index == 0 else f"{desc} filter round {round_index}"
+        token_lists = _sample_all(backend, examples, prompts, slots, base_seed, round_index, label)
+        counts["filter_rounds"] = round_index + 1
+        for ex, pool, samples in zip(examples, pools, token_lists, strict=True):
+            for ids in samples:
+                text, stopped = clean_sample(ids, tokenizer, stop_ids)
+                counts["generated_tokens"] += generated_length(ids, stop_ids)
+                counts["length_capped"] += int(not stopped)
+                if is_empty(text):
+                    counts["empty_first_pass" if round_index == 0 else "resampled"] += 1
+                    if cfg.sampling.on_empty == "fail":
+                        raise GenerationError(f"{desc}: an empty sample (id {ex.id!r}) and sampling.on_empty=fail")
+                    if cfg.sampling.on_empty == "resample":
+                        counts["empty_discarded"] += 1
+                        continue
+                    counts["empty_kept"] += 1
+                counts["filtered_correct"] += int(add_sample(pool, text, ex.answer, cfg.filter.extract))
+    kept: dict[Any, list[str]] = {}
+    dropped: set[Any] = set()
+    for ex, pool in zip(examples, pools, strict=True):
+        counts["prompts_short"] += int(pool.short(n))
+        chosen = select(pool, n, cfg.filter.on_short)
+        if chosen is None:
+            dropped.add(ex.id)
+        else:
+            kept[ex.id] = chosen
+    counts["prompts_dropped"] = len(dropped)
+    if counts["prompts_short"]:
+        shown = sorted(str(ex.id) for ex, pool in zip(examples, pools, strict=True) if pool.short(n))[:10]
+        action = "dropped" if cfg.filter.on_short == "drop" else "kept with correct samples"
+        _log(f"{desc}: {counts['prompts_short']} prompts have fewer than {n} incorrect samples after "
+             f"{counts['filter_rounds']} rounds (ids {shown} ...): {action} (filter.on_short={cfg.filter.on_short})")
+    return kept, dropped
 
 
 def _log_prompt_template(cfg: DictConfig, tokenizer: Any) -> None:
@@ -279,7 +347,8 @@ def _run_shard(
         "input": source,
         "num_input_examples": len(examples),
         "shard": {"index": index, "count": count, "start": start, "stop": stop},
-        "ids_sha256": ids_digest([ex.id for ex in part]),
+        "ids_sha256": ids_digest([row["id"] for row in rows]),
+        "dropped_ids": [ex.id for ex in part if ex.id not in {row["id"] for row in rows}],
         "seed_rule": SEED_RULE,
         "seeds": seeds,
         "counts": counts,

@@ -1,9 +1,11 @@
-"""benchmarks/dft_vs_sft.py --quick: the whole pipeline through the project's commands gives a
-well-formed report, chooses learning rates before scoring the held-out split, and resumes."""
+"""benchmarks/dft_vs_sft.py --quick (the paper regime): the whole pipeline through the project's
+commands gives a well-formed report, chooses learning rates before scoring the held-out split, keeps
+only incorrect negatives for dft_filtered, and resumes."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -34,8 +36,14 @@ def test_results_are_well_formed(quick_run) -> None:
     out, _ = quick_run
     results = json.loads((out / "results.json").read_text())
     protocol = results["protocol"]
-    assert set(results["methods"]) == {"sft", "dft", "dft2"}
+    assert set(results["methods"]) == {"sft", "dft", "dft2", "dft_filtered"}
     assert 0.0 <= results["base"]["heldout_accuracy"] <= 1.0
+    regime = results["regime"]
+    assert regime["name"] == protocol["regime"] == "paper" and regime["template"] == "alpaca"
+    assert regime["base_heldout_accuracy"] == results["base"]["heldout_accuracy"]
+    assert regime["negatives_correct_share"] == results["negatives"]["finetune"]["correct_share"]
+    assert results["lr_grid"] == results["lr_choice"]["validation_accuracy"]
+    assert results["dft_filtered"]["lr"] == results["methods"]["dft_filtered"]["lr"]
     for method, entry in results["methods"].items():
         assert entry["seeds"] == protocol["seeds"], method
         assert len(entry["heldout_accuracy"]) == len(entry["rank_acc"]) == len(protocol["seeds"])
@@ -48,7 +56,7 @@ def test_results_are_well_formed(quick_run) -> None:
     assert results["methods"]["dft"]["training"][0]["u_mean"] is not None
     assert results["methods"]["sft"]["training"][0]["neg_logps"] is None
     table = (out / "results.md").read_text()
-    for label in ("SFT", "DFT (tau 1.0", "DFT2 (tau 0.3", "base"):
+    for label in ("SFT", "DFT (tau 1.0", "DFT2 (tau 0.3", "DFT, verifier-filtered", "base (pre-trained"):
         assert f"| {label}" in table, label
     png = (out / "heldout_accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -74,6 +82,8 @@ def test_negatives_come_from_the_base_and_their_quality_is_counted_independently
     results = json.loads((out / "results.json").read_text())
     protocol = results["protocol"]
     per_prompt = {"finetune": protocol["num_negatives"] * protocol["epochs"], "heldout": protocol["num_negatives"]}
+    prompts = (out / "generation-prompt.yaml").read_text()
+    assert "### Question: {query}" in prompts and "### Response: " in prompts
     for split, samples in per_prompt.items():
         rows = read_rows(out / f"neg-{split}" / "negatives.parquet")
         assert len(rows) == protocol[split]
@@ -81,9 +91,11 @@ def test_negatives_come_from_the_base_and_their_quality_is_counted_independently
         assert not any(f"generated_{samples}" in r for r in rows)
         right = sum(arithmetic_task.extract_answer(neg) == arithmetic_task.extract_answer(ref)
                     and arithmetic_task.extract_answer(ref) is not None for ref, neg in texts)
+        anywhere = sum(arithmetic_task.extract_answer(ref) in re.findall(r"\d+", neg) for ref, neg in texts)
         quality = results["negatives"][split]
         assert quality["samples"] == len(texts)
         assert quality["correct_share"] == pytest.approx(right / len(texts))
+        assert quality["contains_answer_share"] == pytest.approx(anywhere / len(texts))
 
 
 def test_learning_rates_are_chosen_before_the_heldout_split_is_scored(quick_run) -> None:
@@ -93,6 +105,29 @@ def test_learning_rates_are_chosen_before_the_heldout_split_is_scored(quick_run)
     assert finetuned
     assert all(p.stat().st_mtime >= chosen for p in finetuned)
     assert all(p.stat().st_mtime <= chosen for p in (out / "eval").glob("*validation.json"))
+
+
+def test_filtered_negatives_are_incorrect_unless_their_prompt_ran_short(quick_run) -> None:
+    from nemo_dft.evaluation.extraction import is_correct
+
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    protocol = results["protocol"]
+    samples = protocol["num_negatives"] * protocol["epochs"]
+    rows = read_rows(out / "neg-filtered" / "negatives.parquet")
+    assert len(rows) == protocol["finetune"]  # on_short=keep: no prompt is dropped
+    correct_rows = 0
+    for row in rows:
+        reference = row["real"][-1]["content"]
+        correct = [is_correct(row[f"generated_{k}"][-1]["content"], reference, "number") for k in range(samples)]
+        # incorrect samples first; correct ones only fill the slots of a prompt short of incorrect ones
+        assert correct == sorted(correct), row["id"]
+        correct_rows += any(correct)
+    counts = results["negatives"]["finetune_filtered"]["filter"]
+    assert correct_rows <= counts["prompts_short"]
+    # the training run of dft_filtered read that file
+    config = (out / "runs" / f"dft_filtered-lr{results['methods']['dft_filtered']['lr']:g}-seed0" / "config.yaml")
+    assert "neg-filtered" in config.read_text()
 
 
 def test_a_rerun_resumes_without_training_again(quick_run) -> None:
