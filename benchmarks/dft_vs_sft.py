@@ -375,6 +375,41 @@ class Benchmark:
                 f"identical to the reference {q['identical_share']:.3f}")
         return files, quality
 
+    def arithmetic_probe(self, hf_dir: Path) -> dict:
+        """Can the base do the task's arithmetic in the corpus's own form?  Each held-out problem's
+        setup followed by "Now NAME has", greedily completed: the share whose first number is the
+        answer, for one- and two-step problems.  Only the paper regime's base is asked (the other
+        base was trained on the task's format, which its held-out accuracy measures)."""
+        path = self.out / "eval" / "base-arithmetic-probe.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(self.threads)
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+        right = {"one_step": [0, 0], "two_step": [0, 0]}
+        for row in read_rows(self.data / "heldout.jsonl"):
+            question, answer = row["real"][0]["content"], row["real"][1]["content"]
+            setup, asked = question.rsplit(" How many", 1)
+            name = asked.split(" does ", 1)[1].split(" have", 1)[0]
+            ids = tokenizer(f"{tokenizer.eos_token}{setup} Now {name} has", return_tensors="pt",
+                            add_special_tokens=False).input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            numbers = re.findall(r"\d+", tokenizer.decode(out[0, ids.shape[1]:]))
+            kind = "two_step" if setup.count(".") == 3 else "one_step"
+            right[kind][0] += bool(numbers) and numbers[0] == arithmetic_task.extract_answer(answer)
+            right[kind][1] += 1
+        probe = {kind: {"accuracy": hits / total if total else None, "n": total}
+                 for kind, (hits, total) in right.items()}
+        (self.out / "eval").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(probe, indent=2) + "\n")
+        log("  base arithmetic in the corpus's form (setup + 'Now NAME has', greedy): "
+            + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in probe.items() if v["n"]))
+        return probe
+
     # -- stages 4 and 5 ------------------------------------------------------------------------
     def finetune(self, method: str, lr: float, seed: int, base: Path, negatives: dict[str, Path]) -> Path:
         p = self.p
@@ -464,6 +499,7 @@ class Benchmark:
         # the base under the fine-tuning template: its greedy accuracy and its ranking of the held-out pairs
         base_summary = self.evaluate("base-heldout", base, negatives["heldout"],
                                      self.out / "eval" / "base-heldout.json")
+        probe = self.arithmetic_probe(hf_dir) if self.p.regime == "paper" else None
         lr_choice = self.choose_lr(base, negatives)
         methods = self.seeds(lr_choice, base, negatives)
         results = {
@@ -476,7 +512,8 @@ class Benchmark:
                        else "the base's chat template",
                        "negatives_correct_share": quality["finetune"]["correct_share"],
                        "negatives_identical_share": quality["finetune"]["identical_share"],
-                       "negatives_contain_answer_share": quality["finetune"]["contains_answer_share"]},
+                       "negatives_contain_answer_share": quality["finetune"]["contains_answer_share"],
+                       "base_arithmetic_probe": probe},
             "negatives": quality,
             "lr_choice": lr_choice,
             "lr_grid": lr_choice["validation_accuracy"],

@@ -55,6 +55,11 @@ def table(results: dict) -> str:
         lines.append(f"| {split} | {q.get('prompts', 'n/a')} | {q['samples']} | {_fmt(q['correct_share'])} | "
                      f"{_fmt(q.get('number_correct_share'))} | {_fmt(q.get('contains_answer_share'))} | "
                      f"{_fmt(q['identical_share'])} | {_fmt(q['unanswered_share'])} |")
+    probe = regime.get("base_arithmetic_probe")
+    if probe:
+        lines += ["", "The base's arithmetic in its own (corpus) form, each held-out setup + \"Now NAME has\", greedy: "
+                  + ", ".join(f"{kind.replace('_', '-')} problems {_fmt(v['accuracy'])} (n = {v['n']})"
+                              for kind, v in probe.items()) + "."]
     counts = results["negatives"].get("finetune_filtered", {}).get("filter")
     if counts:
         lines += ["", f"finetune_filtered: filter {results['dft_filtered']['filter']}; {counts['samples']} samples "
