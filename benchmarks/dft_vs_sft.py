@@ -399,7 +399,8 @@ class Benchmark:
             ids = tokenizer(f"{tokenizer.eos_token}{setup} Now {name} has", return_tensors="pt",
                             add_special_tokens=False).input_ids
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                                     pad_token_id=tokenizer.eos_token_id)
             numbers = re.findall(r"\d+", tokenizer.decode(out[0, ids.shape[1]:]))
             kind = "two_step" if setup.count(".") == 3 else "one_step"
             right[kind][0] += bool(numbers) and numbers[0] == arithmetic_task.extract_answer(answer)
