@@ -608,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default runs/dft_vs_sft[-sft-base][-quick]); "
                              "rerunning with the same directory skips the stages already done")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per subprocess (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per subprocess (default 1: two OpenMP threads per process spin, 10-30x "
+                             "slower, when anything else runs on a 2-core machine)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     args = parser.parse_args(argv)
     protocol = protocol_for(args.regime, args.quick)
