@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_dft.config.training import ConfigError, load_config, uses_pack_length
 
     try:
-        cfg = load_config(args.config, args.overrides, check_files=False)
+        # a kernel flag that changes no memory: off, so that configs whose preset asks for it (Llama's)
+        # also build where Transformer Engine is not installed (planning on a laptop)
+        cfg = load_config(args.config, ["model.config.apply_rope_fusion=false", *args.overrides], check_files=False)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -41,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gpt = make_gpt_config(cfg, on_gpu=True)
     except ConfigError as err:  # e.g. model.preset=checkpoint with a model.init_from not readable here
-        print(f"error: {err}", file=sys.stderr)
+        hint = ("; to plan without the checkpoint, give its shape: model.preset=null and model.config.<field> "
+                "(docs/cluster.md, 6b)") if cfg.model.preset == "checkpoint" else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     shape, layout = plan_for_run(cfg, gpt, args.vocab)
     per_micro_batch = (f"one packed row of {layout.sequence_length} positions (data.pack_length)"
