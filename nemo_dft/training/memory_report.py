@@ -2,7 +2,9 @@
 
 With megatron-core's distributed optimizer the Adam moments (and the fp32 main weights of a bf16
 run) of each parameter live on one data-parallel rank only; this report shows that split, so a
-user can check the memory a layout saves before scaling it up.
+user can check the memory a layout saves before scaling it up.  It also gives each rank's weight,
+gradient-buffer and reference-copy bytes: the static part of the memory plan
+(``nemo_dft/training/memory_plan.py``), which tests compare with it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     return []
 
 
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def static_bytes(pl_module: Any) -> tuple[int, int, int]:
+    """(weights, gradient buffers, reference copy) bytes of this rank's shard: every parameter, frozen
+    ones included; the gradients of the trainable ones (megatron's ``main_grad`` buffers, or
+    ``.grad``); the parameters of a frozen reference that are not the policy's own."""
+    parameters = list(pl_module.parameters())
+    gradients = [getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
+                 for p in parameters if p.requires_grad]
+    own = {id(p) for p in parameters}
+    references = getattr(pl_module, "_reference", [])  # DFTModel keeps it out of parameters()
+    copy = [p for reference in references for p in reference.parameters() if id(p) not in own]
+    return tensor_bytes(parameters), tensor_bytes(g for g in gradients if g is not None), tensor_bytes(copy)
+
+
 def optimizer_state_bytes(optimizers: list[Any]) -> int:
     """Bytes of this rank's optimizer state tensors (Adam's moments; scalar step counters aside)."""
     total = 0
@@ -48,7 +67,8 @@ class OptimizerMemoryReport(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        mine = torch.tensor([optimizer_state_bytes(trainer.optimizers), trainable], dtype=torch.float64)
+        mine = torch.tensor([optimizer_state_bytes(trainer.optimizers), trainable, *static_bytes(pl_module)],
+                            dtype=torch.float64)
         if torch.distributed.is_initialized():
             gathered = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(gathered, mine)
@@ -59,6 +79,10 @@ class OptimizerMemoryReport(pl.Callback):
         report = {"optimizer_state_bytes_per_rank": [int(t[0].item()) for t in gathered],
                   # parameters the optimizer trains (LoRA: the adapters only), this rank's shards
                   "trainable_parameters_per_rank": [int(t[1].item()) for t in gathered],
+                  # every weight (frozen ones too), the trainable ones' gradient buffers, a frozen reference copy
+                  "weight_bytes_per_rank": [int(t[2].item()) for t in gathered],
+                  "gradient_bytes_per_rank": [int(t[3].item()) for t in gathered],
+                  "reference_bytes_per_rank": [int(t[4].item()) for t in gathered],
                   "use_distributed_optimizer": bool(getattr(trainer.strategy.ddp_config, "use_distributed_optimizer",
                                                             False))}
         write_text_atomic(self.path, json.dumps(report, indent=2) + "\n")

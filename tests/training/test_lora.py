@@ -135,3 +135,35 @@ def test_killed_lora_run_resumes_bit_exactly(tmp_path):
     assert trained and any(k.startswith("optimizer.state.exp_avg.") for k in trained)
     for key in trained:
         assert torch.equal(resumed[key], reference[key]), key
+
+
+@pytest.mark.parametrize("variant", ["lora", "full"])
+def test_memory_plan_static_part_is_what_the_run_held(runs, variant):
+    """scripts/memory_plan.py's static part (weights, gradients, main weights, Adam moments, reference
+    copy) for the run's own config, against the bytes the run reported in memory.json: exact (fp32,
+    one rank).  LoRA: frozen base weights plus adapters, gradients and moments of the adapters only,
+    no reference copy; full fine-tuning: all of them and the copy."""
+    from nemo_dft.config.training import load_config
+    from nemo_dft.demo.tiny_model import TINY_VOCAB_SIZE
+    from nemo_dft.modeling.gpt_config import make_gpt_config
+    from nemo_dft.training.memory_plan import plan_for_run, static_memory
+
+    root = runs["root"]
+    steps = ["trainer.max_steps=3", f"model.init_from={runs['base']}"]  # as the fixture ran it
+    cfg = load_config(None, [*COMMON, *steps, *(LORA if variant == "lora" else [])])
+    shape, layout = plan_for_run(cfg, make_gpt_config(cfg, on_gpu=False), TINY_VOCAB_SIZE)
+    planned = static_memory(shape, layout)
+    memory = json.loads((root / variant / "memory.json").read_text())
+    held = {"weights": memory["weight_bytes_per_rank"], "gradients": memory["gradient_bytes_per_rank"],
+            "main_weights": [0], "optimizer_moments": memory["optimizer_state_bytes_per_rank"],
+            "reference": memory["reference_bytes_per_rank"]}
+    print(variant, {name: (planned[name], value[0]) for name, value in held.items()})
+    for name, value in held.items():
+        assert [planned[name]] == value, f"{variant}: {name} planned {planned[name]:.0f} B, held {value}"
+    trainable = shape.adapters.parameters if variant == "lora" else shape.parameters
+    assert memory["trainable_parameters_per_rank"] == [trainable]
+    if variant == "lora":  # rank 4 on the four targets of both layers, counted by hand
+        assert trainable == 2 * 4 * ((128 + 256) + (128 + 128) + (128 + 768) + (384 + 128))
+        assert planned["reference"] == 0 and memory["reference_bytes_per_rank"] == [0]
+    else:
+        assert planned["reference"] == planned["weights"] > 0
