@@ -202,6 +202,8 @@ def bracketed_choice(score: Callable[[float], float | None], grid: tuple[float, 
     """(chosen rate, every rate's score, the extensions made): the grid is scored, and while the best
     rate is its smallest or largest, one more rate past that edge is scored (at most
     ``max_extensions`` per edge)."""
+    if len(grid) == 1 and max_extensions == 0:  # nothing to choose between (--quick): no run is scored
+        return grid[0], {grid[0]: None}, []
     scores = {lr: score(lr) for lr in sorted(grid)}
     extensions: list[str] = []
     grown = {-1: 0, 1: 0}
@@ -209,7 +211,7 @@ def bracketed_choice(score: Callable[[float], float | None], grid: tuple[float, 
         best = best_rate(scores)
         rates = sorted(scores)
         edge = -1 if best == rates[0] else 1 if best == rates[-1] else 0
-        if edge == 0 or len(rates) == 1 and max_extensions == 0 or grown[edge] >= max_extensions:
+        if edge == 0 or grown[edge] >= max_extensions:
             return best, scores, extensions
         new = neighbour_rate(rates[0] if edge < 0 else rates[-1], edge)
         grown[edge] += 1
@@ -325,6 +327,9 @@ class Benchmark:
                 write_text_atomic(settings, json.dumps({"prompt": {"style": "template",
                                                                    "template": PAPER_GENERATION_PROMPT}}) + "\n")
             config = ["--config", str(settings)]
+        if shards == 1:  # generation merges its one shard itself (shard.index=null)
+            self.run.script(f"{name}-shard0", "generate_negatives.py", *config, *common, "shard.index=null")
+            return merged
         for index in range(shards):
             self.run.script(f"{name}-shard{index}", "generate_negatives.py", *config, *common, f"shard.index={index}")
         self.run.script(f"{name}-merge", "merge_negatives.py", f"output.dir={out_dir}", f"shard.count={shards}")
@@ -382,7 +387,7 @@ class Benchmark:
         setup followed by "Now NAME has", greedily completed: the share whose first number is the
         answer, for one- and two-step problems.  Only the paper regime's base is asked (the other
         base was trained on the task's format, which its held-out accuracy measures)."""
-        path = self.out / "eval" / "base-arithmetic-probe.json"
+        path = self.out / "base-arithmetic-probe.json"  # eval/ holds scripts/evaluate.py's outputs only
         if path.is_file():
             return json.loads(path.read_text())
         import torch
@@ -407,7 +412,6 @@ class Benchmark:
             right[kind][1] += 1
         probe = {kind: {"accuracy": hits / total if total else None, "n": total}
                  for kind, (hits, total) in right.items()}
-        (self.out / "eval").mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(probe, indent=2) + "\n")
         log("  base arithmetic in the corpus's form (setup + 'Now NAME has', greedy): "
             + ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in probe.items() if v["n"]))

@@ -57,3 +57,11 @@ def test_a_tie_goes_to_the_smaller_rate_and_missing_scores_count_as_zero() -> No
     values = {3e-5: None, 1e-4: 0.5, 3e-4: 0.5, 1e-3: 0.2, 3e-3: None}
     best, _, extensions = bracketed_choice(lambda lr: values[lr], GRID, 2)
     assert best == 1e-4 and extensions == []
+
+
+def test_a_single_rate_without_extensions_is_taken_unscored() -> None:
+    score, calls = peaked_at(1e-3)
+    best, scores, extensions = bracketed_choice(score, (3e-3,), 0)
+    assert (best, scores, extensions, calls) == (3e-3, {3e-3: None}, [], [])
+    best, _, _ = bracketed_choice(score, (3e-3,), 1)  # one rate is an edge: with extensions allowed, it grows
+    assert calls == [3e-3, 1e-3] and best == 1e-3
