@@ -9,10 +9,10 @@ every boundary, as in the padded layout) and hands [t, heads, dim] tensors to it
   UNTESTED here: this machine has neither a GPU nor Transformer Engine;
 - the local layer spec (CPU, any run without Transformer Engine): megatron's local core attention
   refuses THD input, so the first packed forward wraps it in
-  :class:`~nemo_dft.modeling.varlen_attention.VarlenCoreAttention` (per-sequence causal SDPA, the
-  layer's sliding window kept), and the params carry the micro-batch's gather/scatter layout,
-  built once for all layers.  Attention then costs the sum of the sequences' squared lengths,
-  where the block-diagonal mask this path used before cost the row length squared (issue 26).
+  :class:`~nemo_dft.modeling.varlen_attention.VarlenCoreAttention` (causal SDPA on each
+  sequence, the layer's sliding window kept), and the params carry the sequence lengths, read
+  once for all layers.  Attention then costs the sum of the sequences' squared lengths, where the
+  block-diagonal mask this path used before cost the row length squared (issue 26).
 
 ``position_ids`` restart at 0 for every sequence (the packer's), which is what a learned absolute
 embedding reads.  :func:`block_causal_mask` is no longer on the trainer's path; it stays for
@@ -49,36 +49,28 @@ def thd_packed_seq_params(cu_seqlens: torch.Tensor, width: int, *, local: bool =
     The row's tail padding becomes one more sequence, so the boundaries cover every position:
     a varlen kernel leaves positions past the last boundary unwritten, and an uninitialised value
     there would reach the per-sequence sums as NaN * 0 (and megatron's per-sequence rotary
-    embedding splits the row at the boundaries).  ``local``: the params also carry the
-    :class:`~nemo_dft.modeling.varlen_attention.PaddedLayout` of the real sequences for the local
-    spec's core attention, which gives the tail zeros instead of attending over it.  One host
-    copy of ``cu_seqlens`` per micro-batch (the maxima are Python ints in megatron's contract).
+    embedding splits the row at the boundaries).  ``local``: the params also carry the real
+    sequences' :class:`~nemo_dft.modeling.varlen_attention.Segments` for the local spec's core
+    attention, which gives the tail zeros instead of attending over it.  One host copy of
+    ``cu_seqlens`` per micro-batch (megatron takes the maxima as Python ints).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from nemo_dft.modeling.varlen_attention import LocalPackedSeqParams, PaddedLayout
+    from nemo_dft.modeling.varlen_attention import LocalPackedSeqParams, Segments
 
-    bounds = [int(b) for b in cu_seqlens.tolist()]
-    if len(bounds) < 2:
-        raise ValueError("a packed row needs at least one sequence")
-    real = cu_seqlens.to(torch.int32)
-    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
-    covering = real
-    if bounds[-1] < width:
-        covering = torch.cat([real, real.new_tensor([width])])
-        lengths.append(width - bounds[-1])
-    max_seqlen = max(lengths)
+    segments = Segments.from_cu_seqlens(cu_seqlens, width)
+    covering = cu_seqlens.to(torch.int32)
+    if segments.tail:
+        covering = torch.cat([covering, covering.new_tensor([width])])
+    max_seqlen = max(*segments.lengths, segments.tail)
     common = {"qkv_format": "thd", "cu_seqlens_q": covering, "cu_seqlens_kv": covering,
               "max_seqlen_q": max_seqlen, "max_seqlen_kv": max_seqlen}
-    if not local:
-        return PackedSeqParams(**common)
-    longest_real = max(lengths[:len(bounds) - 1])
-    return LocalPackedSeqParams(**common, layout=PaddedLayout.from_cu_seqlens(real, longest_real, width))
+    return LocalPackedSeqParams(**common, segments=segments) if local else PackedSeqParams(**common)
 
 
 def packed_forward_kwargs(batch: dict[str, torch.Tensor], transformer_engine: bool) -> dict:
     """The model's attention arguments for a packed batch (one row, [1, width]): THD
-    ``packed_seq_params``, with the local spec's layout when there is no Transformer Engine."""
+    ``packed_seq_params``, with the sequence lengths for the local spec (no Transformer Engine)."""
     tokens = batch["tokens"]
     if tokens.shape[0] != 1:  # megatron's THD path squeezes a batch dimension of 1
         raise ValueError(f"a packed micro-batch is one row; got {tokens.shape[0]} rows")

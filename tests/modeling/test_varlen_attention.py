@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nemo_dft.modeling.packed_attention import thd_packed_seq_params
-from nemo_dft.modeling.varlen_attention import PaddedLayout, VarlenCoreAttention, use_varlen_attention
+from nemo_dft.modeling.varlen_attention import Segments, VarlenCoreAttention, use_varlen_attention
 
 HEADS, GROUPS, DIM = 4, 2, 16
 LENGTHS, WIDTH = [5, 1, 9, 3, 7], 32  # 25 real positions and a tail of 7 padding positions
@@ -85,8 +85,8 @@ def test_packed_core_attention_matches_each_sequence_alone(case):
     real = sum(LENGTHS)
     expected, expected_grads = value_and_grads(
         lambda q, k, v: separate(q, k, v, scale, kwargs.get("window")), q, k, v, weights)
-    # the trainer's params (layout of the real sequences) and megatron's plain THD params (the tail
-    # padding one more sequence, layout built from cu_seqlens by the module)
+    # the trainer's params (the real sequences' lengths) and megatron's plain THD params (the tail
+    # padding one more sequence, the lengths read from cu_seqlens by the module)
     local = thd_packed_seq_params(cu_seqlens(), WIDTH, local=True)
     plain = thd_packed_seq_params(cu_seqlens(), WIDTH)
     for params in (local, plain):
@@ -102,7 +102,7 @@ def test_packed_core_attention_matches_each_sequence_alone(case):
 
 def test_attention_dropout_acts_on_each_sequences_probabilities(monkeypatch):
     """With dropout in training the probabilities are formed explicitly and the wrapped module's
-    dropout applies to them inside megatron's RNG-tracker fork; a fixed mask stands in for it."""
+    dropout applies to them inside megatron's RNG-tracker fork; fixed masks stand in for it."""
     from megatron.core import tensor_parallel
 
     p = 0.4
@@ -121,15 +121,17 @@ def test_attention_dropout_acts_on_each_sequences_probabilities(monkeypatch):
             super().__init__()
             self.p = p
 
-        def forward(self, probs):
+        def forward(self, probs):  # one call per sequence, in the row's order
             assert forks, "dropout ran outside the RNG tracker's fork"
-            return probs * keep
+            n = probs.shape[-1]
+            return probs * keep[len(forks) - 1, :, :n, :n]
 
     monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", Tracker)
     module.local.attention_dropout = FixedDropout()
     q, k, v, weights = inputs(int(torch.randint(0, 2**31, ()).item()))
     params = thd_packed_seq_params(cu_seqlens(), WIDTH, local=True)
     out, grads = value_and_grads(lambda q, k, v: module(q, k, v, None, packed_seq_params=params), q, k, v, weights)
+    assert len(forks) == len(LENGTHS)
     expected, expected_grads = value_and_grads(
         lambda q, k, v: separate(q, k, v, 1 / math.sqrt(DIM), drop=keep), q, k, v, weights)
     torch.testing.assert_close(out[:sum(LENGTHS)], expected, rtol=1e-5, atol=1e-6)
@@ -150,10 +152,11 @@ def test_unpacked_calls_go_to_the_wrapped_module(monkeypatch):
     assert calls == [((q, k, v, mask), {"attn_mask_type": None, "attention_bias": None})]
 
 
-def test_layout_positions_and_the_wrapping():
-    layout = PaddedLayout.from_cu_seqlens(torch.tensor([0, 2, 5]), 3, 7)
-    assert layout.gather.tolist() == [0, 1, 1, 2, 3, 4]
-    assert layout.scatter.tolist() == [0, 1, 3, 4, 5, 6, 6]  # 6: the zero slot (tail padding)
+def test_segments_and_the_wrapping():
+    assert Segments.from_cu_seqlens(torch.tensor([0, 2, 5]), 7) == Segments(lengths=(2, 3), tail=2)
+    for bad in ([0, 3, 2], [0, 8], [1, 3]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            Segments.from_cu_seqlens(torch.tensor(bad), 7)
     parent = torch.nn.Module()
     parent.core_attention = local_attention()
     assert use_varlen_attention(parent) == 1 and use_varlen_attention(parent) == 0  # idempotent
