@@ -124,7 +124,7 @@ def test_attention_dropout_acts_on_each_sequences_probabilities(monkeypatch):
         def forward(self, probs):  # one call per sequence, in the row's order
             assert forks, "dropout ran outside the RNG tracker's fork"
             n = probs.shape[-1]
-            return probs * keep[len(forks) - 1, :, :n, :n]
+            return probs * keep[len(forks) - 1, :, :n, :n]  # probs: [1, heads, n, n]
 
     monkeypatch.setattr(tensor_parallel, "get_cuda_rng_tracker", Tracker)
     module.local.attention_dropout = FixedDropout()
