@@ -1,32 +1,30 @@
-"""Cost of one DFT optimizer step: nemo_dft's padded and packed layouts against the paper trainer's pattern.
+"""Cost of one DFT optimizer step through the trainer: nemo_dft's layouts against the paper trainer's pattern.
 
-    .venv/bin/python benchmarks/step_cost.py [--steps 4] [--scale 0.125] [--out FILE]
+    .venv/bin/python benchmarks/step_cost.py [--rounds 3] [--steps 8] [--scale 0.125] [--out FILE]
 
-Four variants, each in its own process (peak RSS of that process), same model, weights and data,
-all written with HF transformers (Mistral architecture, fp32, eager attention, 1 thread):
+Every nemo_dft variant is ``scripts/train_dft.py`` itself, one process per run, same model shape,
+initial weights (``run.seed``), data and steps; throughput comes from the run's own ``metrics.jsonl``
+over the steps after the second:
 
-- ``padded``: nemo_dft's padded layout (``collate_groups``): micro-batches of 2 prompts (the
-  cluster recipe's PP = 1 setting), rows padded to the longest (rounded up to 8); the frozen
-  reference scores the negative rows only;
-- ``packed``: nemo_dft's packed layout (``pack_groups``, ``data.packing=true``): the 2 prompts'
-  sequences end to end in one row, a block-diagonal causal mask, positions restarting per
-  sequence; the reference scores the negatives, re-packed;
-- ``packed_rows``: the layout pipeline parallelism trains (``data.pack_length``, ``pack_step``): the
-  step's groups planned into rows of exactly ``pack_length`` positions (4096 scaled by ``--scale``),
-  one micro-batch per row; the reference scores each row's negatives re-packed, all of a step's
-  reference rows padded to one width (the pipelined reference's shape);
-- ``paper``: the paper trainer's pattern: micro-batches of 4 prompts, [positive; negatives]
-  padded to the longest sequence of the micro-batch, a frozen reference forward over all rows.
+- ``padded``: micro-batches of 2 prompts padded to the longest (rounded up to 8);
+- ``packed``: ``data.packing=true`` at PP = 1, the 2 prompts' sequences end to end in one row;
+- ``packed_rows``: ``data.packing=true data.pack_length=L``, the layout pipeline parallelism trains
+  (rows of exactly L positions, one per micro-batch), here at PP = 1;
+- ``dft2_packed``: ``packed`` with ``dft.objective=dft2`` (no reference forward);
+- ``paper`` (the baseline): the paper trainer's pattern, written with HF transformers in this
+  process's child: micro-batches of 4 prompts, [positive; negatives] padded to the micro-batch's
+  longest sequence, a frozen reference forward over every row.  The trainer cannot run this
+  pattern (it never scores positives with the reference, and never pads a group to 4 prompts), so
+  this re-implementation stays, on the same tokenized groups in the trainer's order.
 
-Each step: 16 prompts, a data-parallel rank's share of the paper's 128-prompt step at DP = 8
-(gradient accumulation over the micro-batches), policy forward and backward,
-reference forward (no grad), the DFT loss (nemo_dft.objective), one Adam step.  Lengths: the
-issue-15 UltraFeedback-like distribution (nemo_dft.data.lengths) scaled by ``--scale``.
-
-Printed per variant: real tokens/s (the step's real policy tokens over its median wall time),
-processed tokens/s (positions computed by the policy and the reference forwards), the real-token
-fraction (real policy tokens / policy positions) and peak RSS; then the ratios of real tokens/s
-packed/paper and packed/padded (and the same for packed_rows).  ``--out FILE`` writes them as JSON.
+A run is: a Mistral-shaped model (hidden 512, 4 layers, GQA 8/4, fp32, 1 thread), 8 prompts per
+step, m = 2, the frozen reference, lengths of the issue-15 UltraFeedback-like distribution
+(nemo_dft.data.lengths) scaled by ``--scale``, as letters the tiny tokenizer reads one token each.
+Variants alternate within each of ``--rounds`` rounds (the order reversed every other round); the
+machine's load average is printed before each run.  Reported per variant: the median over rounds of
+real tokens/s (the step's input positions of real sequences), processed tokens/s (positions the
+policy computes, padding included), the real fraction and the peak RSS of the run's process; the
+ratios of medians, and the per-round (paired) ratios.  ``--out FILE`` writes them as JSON.
 ``--small`` swaps in a 2-layer, hidden-64 model (the smoke test's; its ratios mean nothing).
 """
 
@@ -34,57 +32,206 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import resource
+import runpy
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("padded", "packed", "packed_rows", "paper")
-SHAPE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
-         "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 4096}
-SMALL_SHAPE = {**SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "head_dim": 16}
-PROMPTS_PER_STEP, NUM_NEGATIVES = 16, 2
-MICRO = {"padded": 2, "packed": 2, "paper": 4}  # packed_rows: as many prompts as fit a row
-PACK_LENGTH = 4096  # data.pack_length at full scale
+TRAINER_VARIANTS = ("padded", "packed", "packed_rows", "dft2_packed")
+VARIANTS = (*TRAINER_VARIANTS, "paper")
+SHAPE = {"hidden_size": 512, "num_layers": 4, "ffn_hidden_size": 1536, "num_attention_heads": 8,
+         "num_query_groups": 4, "kv_channels": 64}
+SMALL_SHAPE = {**SHAPE, "hidden_size": 64, "num_layers": 2, "ffn_hidden_size": 128, "num_attention_heads": 4,
+               "num_query_groups": 2, "kv_channels": 16}
+PROMPTS_PER_STEP, NUM_NEGATIVES, SEED = 8, 2, 1234
+MICRO = {"padded": 2, "packed": 2, "dft2_packed": 2, "paper": 4}  # packed_rows: as many prompts as fit a row
+WARMUP_STEPS = 2  # the first two steps are not timed
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+TEMPLATE_TOKENS = 8  # the tiny tokenizer's chat template around a prompt
 
 
-def make_groups(num_groups: int, scale: float, seed: int) -> list[dict]:
-    import torch
+def lengths(scale: float) -> tuple[int, int]:
+    """(data.max_length, data.max_prompt_length) of the distribution at ``scale``."""
+    return max(2, round(1024 * scale)), max(1, round(512 * scale))
 
+
+def pack_length(scale: float) -> int:
+    """data.pack_length of packed_rows: three longest sequences per row, rounded up to 8."""
+    return -(-3 * (lengths(scale)[0] - 1) // 8) * 8
+
+
+def make_data(path: Path, groups: int, scale: float, seed: int = 0) -> None:
+    """Rows whose sequences have the distribution's lengths: single letters, one token each."""
+    from nemo_dft.data.io import write_text_atomic
     from nemo_dft.data.lengths import group_token_lengths
-    from nemo_dft.data.tokenize import TokenizedPair
 
-    generator = torch.Generator().manual_seed(seed)
-    groups = []
-    for index, (prompts, responses) in enumerate(group_token_lengths(num_groups, NUM_NEGATIVES, scale=scale,
-                                                                     seed=seed)):
-        prompt = torch.randint(1, SHAPE["vocab_size"], (max(prompts),), generator=generator).tolist()
-        pairs = [TokenizedPair(prompt[-p:], torch.randint(1, SHAPE["vocab_size"], (r,), generator=generator).tolist())
-                 for p, r in zip(prompts, responses, strict=True)]
-        groups.append({"index": index, "epoch": 0, "pairs": pairs})
-    return groups
+    rng = random.Random(seed)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(LETTERS) for _ in range(max(1, n)))
+
+    rows = []
+    for index, (prompts, responses) in enumerate(group_token_lengths(groups, NUM_NEGATIVES, scale=scale, seed=seed)):
+        prompt = words(prompts[0] - TEMPLATE_TOKENS)
+        row = {"id": index, "real": [{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": words(responses[0])}]}
+        for k in range(NUM_NEGATIVES):
+            row[f"generated_{k}"] = [{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": words(responses[k + 1])}]
+        rows.append(json.dumps(row) + "\n")
+    write_text_atomic(path, "".join(rows))
 
 
-def additive_mask(segment_ids):
+def trainer_args(variant: str, data: Path, run_dir: Path, steps: int, scale: float, small: bool) -> list[str]:
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+    max_length, max_prompt_length = lengths(scale)
+    args = [f"run.dir={run_dir}", f"data.path={data}", f"tokenizer.path={tiny_tokenizer_dir()}",
+            "data.eval_path=null", "data.num_epochs=1", f"trainer.max_steps={steps}", "trainer.progress_bar=false",
+            f"model.micro_batch_size={MICRO.get(variant, 2)}", f"model.global_batch_size={PROMPTS_PER_STEP}",
+            f"data.max_length={max_length}", f"data.max_prompt_length={max_prompt_length}", f"run.seed={SEED}",
+            "dft.reference=frozen", "log.tensorboard=false", "checkpoint.every_n_steps=0",
+            *(f"model.config.{k}={v}" for k, v in (SMALL_SHAPE if small else SHAPE).items())]
+    if variant != "padded":
+        args.append("data.packing=true")
+    if variant == "packed_rows":
+        args.append(f"data.pack_length={pack_length(scale)}")
+    if variant == "dft2_packed":
+        args += ["dft.objective=dft2", "dft.tau=0.3", "dft.gamma=0.9"]
+    return args
+
+
+def trainer_result(run_dir: Path) -> dict:
+    """Throughput of the timed steps from the run's metrics.jsonl."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [m for m in metrics if m["step"] > WARMUP_STEPS]
+    if not timed:
+        raise SystemExit(f"{run_dir}: no step after the first {WARMUP_STEPS} in metrics.jsonl")
+    seconds = sum(m["step_s"] for m in timed)
+    real = sum(m["tokens_per_s"] * m["step_s"] for m in timed)
+    processed = sum(m["processed_tokens_per_s"] * m["step_s"] for m in timed)
+    return {"real_tokens_per_s": real / seconds, "processed_tokens_per_s": processed / seconds,
+            "real_fraction": real / processed, "real_tokens": round(real), "steps_timed": len(timed)}
+
+
+def run_trainer_child(args: list[str], rss_out: Path) -> None:
+    """scripts/train_dft.py in this process (so that its peak RSS is this process's)."""
+    sys.argv = [str(REPO / "scripts" / "train_dft.py"), *args]
+    code = 0
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    rss_out.write_text(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    sys.exit(code)
+
+
+
+def paper_groups(data: Path, scale: float, steps: int) -> list[dict]:
+    """The trainer's groups in the trainer's order: the same dataset class, tokenizer and seed."""
+    from transformers import AutoTokenizer
+
+    from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
+    from nemo_dft.data.io import read_rows
+    from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
+
+    max_length, max_prompt_length = lengths(scale)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+    dataset = DFTGroupDataset(list(read_rows(data)), tokenizer,
+                              GroupSettings(NUM_NEGATIVES, max_length, max_prompt_length, seed=SEED), str(data))
+    return [dataset.group(i) for i in range(steps * PROMPTS_PER_STEP)], len(tokenizer)
+
+
+def run_paper(data: Path, steps: int, scale: float, small: bool) -> dict:
+    """The paper trainer's pattern in HF transformers: steps of 8 prompts, micro-batches of 4."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from nemo_dft.objective import dft_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(SEED)
+    groups, vocab = paper_groups(data, scale, steps)
+    shape = SMALL_SHAPE if small else SHAPE
+    config = MistralConfig(hidden_size=shape["hidden_size"], intermediate_size=shape["ffn_hidden_size"],
+                           num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_attention_heads"],
+                           num_key_value_heads=shape["num_query_groups"], head_dim=shape["kv_channels"],
+                           vocab_size=vocab, max_position_embeddings=4096, sliding_window=None,
+                           attn_implementation="eager")
+    policy = MistralForCausalLM(config)
+    reference = MistralForCausalLM(config).eval().requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-5)
+    u = torch.zeros(len(groups))
+    times, real, positions = [], 0, 0
+    for step in range(steps):
+        started = time.perf_counter()
+        step_groups = groups[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP]
+        counts = [0, 0]
+        for first in range(0, PROMPTS_PER_STEP, MICRO["paper"]):
+            items = step_groups[first:first + MICRO["paper"]]
+            index = torch.tensor([first + step * PROMPTS_PER_STEP + i for i in range(len(items))])
+            pos, neg, pos_len, neg_len, ref_neg, micro_counts = micro_batch_scores(policy, reference, items)
+            result = dft_loss(pos, neg, u[index], tau=1.0, gamma=0.85, ref_neg_logps=ref_neg, pos_lengths=pos_len,
+                              neg_lengths=neg_len, with_metrics=False)
+            u[index] = result.u
+            (result.loss * len(items) / PROMPTS_PER_STEP).backward()
+            counts = [a + b for a, b in zip(counts, micro_counts, strict=True)]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= WARMUP_STEPS:
+            times.append(time.perf_counter() - started)
+            real += counts[0]
+            positions += counts[1]
+    seconds = sum(times)
+    return {"real_tokens_per_s": real / seconds, "processed_tokens_per_s": positions / seconds,
+            "real_fraction": real / positions, "real_tokens": real, "steps_timed": len(times),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def micro_batch_scores(policy, reference, items):
+    """([B] pos, [B, m] neg) policy scores with grad, [B, m] reference scores, (real positions, policy
+    positions): [positive; negatives] of each prompt padded to the micro-batch's longest, and the
+    reference over every row, as the paper's trainer."""
     import torch
 
-    from nemo_dft.modeling.packed_attention import block_causal_mask
+    from nemo_dft.data.collate import collate_groups
+    from nemo_dft.modeling.logprobs import sequence_logps, split_groups
 
-    return torch.zeros(segment_ids.shape[0], 1, segment_ids.shape[1], segment_ids.shape[1]).masked_fill(
-        block_causal_mask(segment_ids), torch.finfo(torch.float32).min)
+    group = 1 + NUM_NEGATIVES
+    batch = collate_groups(items, pad_id=0, pad_multiple=1)
+    lengths_list = batch["lengths"].tolist()
+    width = batch["tokens"].shape[1]
+    logps = token_logps(policy, batch["tokens"], batch["labels"], batch["position_ids"],
+                        padded_mask(lengths_list, width))
+    sums, seq_lengths = sequence_logps(logps, batch["loss_mask"])
+    with torch.no_grad():
+        ref = token_logps(reference, batch["tokens"], batch["labels"], batch["position_ids"],
+                          padded_mask(lengths_list, width))
+        ref_neg = split_groups(sequence_logps(ref, batch["loss_mask"])[0], group)[1].reshape(-1)
+    pos, neg = split_groups(sums, group)
+    pos_len, neg_len = split_groups(seq_lengths, group)
+    return pos, neg, pos_len, neg_len, ref_neg.view(-1, NUM_NEGATIVES), (int(batch["lengths"].sum()),
+                                                                        batch["tokens"].numel())
 
 
-def padded_mask(lengths, width):
+def padded_mask(lengths_list, width):
+    """Additive causal mask of right-padded rows [R, 1, W, W]."""
     import torch
 
-    segments = torch.full((len(lengths), width), -1)
-    for r, n in enumerate(lengths):
-        segments[r, :n] = 0
-    return additive_mask(segments)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    real = torch.arange(width)[None, :] < torch.tensor(lengths_list)[:, None]
+    allowed = causal[None] & real[:, None, :] & real[:, :, None]
+    allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding rows attend to themselves (no NaN)
+    blocked = ~allowed[:, None]
+    return torch.zeros(len(lengths_list), 1, width, width).masked_fill(blocked, torch.finfo(torch.float32).min)
 
 
 def token_logps(model, tokens, labels, position_ids, mask):
@@ -94,156 +241,110 @@ def token_logps(model, tokens, labels, position_ids, mask):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def micro_batch_scores(variant, policy, reference, items, reference_width=None):
-    """([B] pos, [B, m] neg) policy scores with grad, [B, m] reference scores, (real, policy positions,
-    reference positions).  ``items``: the micro-batch's groups, or (packed_rows) its packed row."""
-    import torch
-
-    from nemo_dft.data.collate import collate_groups
-    from nemo_dft.data.packing import pack_groups, packed_negative_sub_batch, packed_sequence_logps
-    from nemo_dft.modeling.logprobs import negative_sub_batch, sequence_logps, split_groups
-
-    group = 1 + NUM_NEGATIVES
-    if variant in ("packed", "packed_rows"):
-        batch = pack_groups(items, pad_id=0) if variant == "packed" else items
-        rows = batch["lengths"].numel()
-        logps = token_logps(policy, batch["tokens"], batch["labels"], batch["position_ids"],
-                            additive_mask(batch["segment_ids"]))
-        sums, lengths = packed_sequence_logps(logps, batch["loss_mask"], batch["segment_ids"], rows)
-        negatives = packed_negative_sub_batch(batch, group, width=reference_width)
-        with torch.no_grad():
-            ref = token_logps(reference, negatives["tokens"], negatives["labels"], negatives["position_ids"],
-                              additive_mask(negatives["segment_ids"]))
-        ref_neg, _ = packed_sequence_logps(ref, negatives["loss_mask"], negatives["segment_ids"],
-                                           rows // group * NUM_NEGATIVES)
-        ref_positions = negatives["tokens"].numel()
+def run_once(variant: str, data: Path, root: Path, steps: int, scale: float, small: bool, index: int) -> dict:
+    """One run of ``variant`` in its own process; the load average before it is part of the result."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    print(f"  {variant:12} load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ...", end="", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    started = time.perf_counter()
+    if variant == "paper":
+        command = [sys.executable, __file__, "--paper-child", str(data), "--steps", str(steps), "--scale", str(scale),
+                   *(["--small"] if small else [])]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"paper failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
     else:
-        batch = collate_groups(items, pad_id=0, pad_multiple=8 if variant == "padded" else 1)
-        lengths_list = batch["lengths"].tolist()
-        width = batch["tokens"].shape[1]
-        logps = token_logps(policy, batch["tokens"], batch["labels"], batch["position_ids"],
-                            padded_mask(lengths_list, width))
-        sums, lengths = sequence_logps(logps, batch["loss_mask"])
-        with torch.no_grad():
-            if variant == "padded":  # nemo_dft: the reference scores the negatives only
-                negatives = negative_sub_batch(batch, group)
-                neg_lengths = [n for r, n in enumerate(lengths_list) if r % group]
-                ref = token_logps(reference, negatives["tokens"], negatives["labels"], negatives["position_ids"],
-                                  padded_mask(neg_lengths, width))
-                ref_neg, _ = sequence_logps(ref, negatives["loss_mask"])
-                ref_positions = negatives["tokens"].numel()
-            else:  # the paper trainer: a reference forward over every row
-                ref = token_logps(reference, batch["tokens"], batch["labels"], batch["position_ids"],
-                                  padded_mask(lengths_list, width))
-                ref_neg = split_groups(sequence_logps(ref, batch["loss_mask"])[0], group)[1].reshape(-1)
-                ref_positions = batch["tokens"].numel()
-    pos, neg = split_groups(sums, group)
-    pos_len, neg_len = split_groups(lengths, group)
-    counts = (int(batch["lengths"].sum()), batch["tokens"].numel(), ref_positions)
-    return pos, neg, pos_len, neg_len, ref_neg.view(-1, NUM_NEGATIVES), counts
+        run_dir = root / f"{variant}-{index}"
+        rss = root / f"{variant}-{index}.rss.json"
+        from tests.conftest import free_port  # noqa: PLC0415 (a port free on IPv4 and IPv6 alike)
 
-
-def pack_length(scale: float) -> int:
-    return max(8, round(PACK_LENGTH * scale) // 8 * 8)
-
-
-def micro_batches(variant: str, step_groups: list[dict], scale: float):
-    """(groups or packed row, example indices, reference row width) of each micro-batch of a step."""
-    import torch
-
-    if variant != "packed_rows":
-        micro = MICRO[variant]
-        for first in range(0, len(step_groups), micro):
-            items = step_groups[first:first + micro]
-            yield items, torch.tensor([item["index"] for item in items]), None
-        return
-    from nemo_dft.data.packing import pack_step, step_negative_width
-
-    rows = pack_step(step_groups, pad_id=0, pack_length=pack_length(scale))
-    width = step_negative_width(rows, 1 + NUM_NEGATIVES)
-    for row in rows:
-        yield row, row["example_index"], width
-
-
-def run_variant(variant: str, steps: int, scale: float, seed: int, small: bool) -> dict:
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from nemo_dft.objective import dft_loss
-
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    config = MistralConfig(**(SMALL_SHAPE if small else SHAPE), max_position_embeddings=4096, sliding_window=None,
-                           attn_implementation="eager")
-    policy = MistralForCausalLM(config)
-    reference = MistralForCausalLM(config).eval().requires_grad_(False)
-    reference.load_state_dict(policy.state_dict())
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-5)
-    groups = make_groups(PROMPTS_PER_STEP * (steps + 1), scale, seed)
-    u = torch.zeros(len(groups))
-    times, real, policy_positions, processed = [], 0, 0, 0
-    for step in range(steps + 1):  # step 0 warms up and is not timed
-        started = time.perf_counter()
-        step_counts = [0, 0, 0]
-        step_groups = groups[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP]
-        for items, index, reference_width in micro_batches(variant, step_groups, scale):
-            pos, neg, pos_len, neg_len, ref_neg, counts = micro_batch_scores(variant, policy, reference, items,
-                                                                             reference_width)
-            result = dft_loss(pos, neg, u[index], tau=1.0, gamma=0.85, ref_neg_logps=ref_neg, pos_lengths=pos_len,
-                              neg_lengths=neg_len, with_metrics=False)
-            u[index] = result.u
-            (result.loss * len(index) / PROMPTS_PER_STEP).backward()
-            step_counts = [a + b for a, b in zip(step_counts, counts, strict=True)]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step > 0:
-            times.append(time.perf_counter() - started)
-            real += step_counts[0]
-            policy_positions += step_counts[1]
-            processed += step_counts[1] + step_counts[2]
-    seconds = statistics.median(times) * len(times)
-    return {"real_tokens_per_s": real / seconds, "processed_tokens_per_s": processed / seconds,
-            "real_fraction": real / policy_positions, "real_tokens": real,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        command = [sys.executable, __file__, "--trainer-child", str(rss), "--",
+                   *trainer_args(variant, data, run_dir, steps, scale, small)]
+        log = root / f"{variant}-{index}.log"
+        with log.open("w") as handle:
+            done = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            sys.exit(f"{variant} failed ({log}):\n{log.read_text()[-3000:]}")
+        result = {**trainer_result(run_dir), **json.loads(rss.read_text())}
+    result.update(load=load, wall_s=round(time.perf_counter() - started, 1))
+    print(f" {result['real_tokens_per_s']:.0f} real tok/s", flush=True)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every variant (default 3)")
+    parser.add_argument("--steps", type=int, default=8, help=f"steps per run; the first {WARMUP_STEPS} are not timed")
     parser.add_argument("--scale", type=float, default=0.125, help="factor on every length of the distribution")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
+    parser.add_argument("--work-dir", type=Path, help="run directories and logs (default: a temporary one)")
     parser.add_argument("--small", action="store_true", help="a 2-layer, hidden-64 model (smoke test)")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
-    args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps, args.scale, args.seed, args.small)))
+    parser.add_argument("--paper-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--trainer-child", type=Path, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.trainer_child:
+        run_trainer_child([a for a in rest if a != "--"], args.trainer_child)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.paper_child:
+        print(json.dumps(run_paper(args.paper_child, args.steps, args.scale, args.small)))
         return
-    print(f"model: Mistral architecture, {SMALL_SHAPE if args.small else SHAPE}; fp32, 1 thread; "
-          f"{PROMPTS_PER_STEP} prompts per step, m = {NUM_NEGATIVES}; lengths: the issue-15 distribution scaled by "
-          f"{args.scale} (median prompt {120 * args.scale:g}, positive {250 * args.scale:g}, negative "
-          f"{220 * args.scale:g} tokens); packed_rows: pack_length {pack_length(args.scale)}")
-    variants = {}
-    for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--scale",
-                   str(args.scale), "--seed", str(args.seed), *(["--small"] if args.small else [])]
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
-        variants[variant] = json.loads(result.stdout.strip().splitlines()[-1])
-    speed = {name: v["real_tokens_per_s"] for name, v in variants.items()}
-    ratios = {f"{ours}_vs_{base}": speed[ours] / speed[base]
-              for ours in ("packed", "packed_rows") for base in ("paper", "padded")}
-    print(f"{'variant':11} {'real tok/s':>11} {'processed tok/s':>16} {'real fraction':>14} {'peak RSS MB':>12}")
-    for name, v in variants.items():
-        print(f"{name:11} {v['real_tokens_per_s']:11.1f} {v['processed_tokens_per_s']:16.1f} "
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must be > {WARMUP_STEPS} (the first {WARMUP_STEPS} steps are not timed)")
+    sys.path.insert(0, str(REPO))
+    with tempfile.TemporaryDirectory(prefix="step_cost-") as scratch:
+        root = args.work_dir or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        data = root / "data.jsonl"
+        make_data(data, PROMPTS_PER_STEP * args.steps, args.scale)
+        shape = SMALL_SHAPE if args.small else SHAPE
+        print(f"model: Mistral-shaped {shape}, fp32, 1 thread; {PROMPTS_PER_STEP} prompts per step, m = "
+              f"{NUM_NEGATIVES}, {args.steps} steps ({WARMUP_STEPS} untimed); lengths: the issue-15 distribution "
+              f"scaled by {args.scale} (data.max_length {lengths(args.scale)[0]}); packed_rows: pack_length "
+              f"{pack_length(args.scale)}")
+        runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1}/{args.rounds}", flush=True)
+            order = list(args.variants) if round_index % 2 == 0 else list(reversed(args.variants))
+            for variant in order:
+                runs[variant].append(run_once(variant, data, root, args.steps, args.scale, args.small, round_index))
+    report = summarize(runs)
+    print(f"{'variant':12} {'real tok/s':>11} {'processed tok/s':>16} {'real fraction':>14} {'peak RSS MB':>12}")
+    for name, v in report["variants"].items():
+        print(f"{name:12} {v['real_tokens_per_s']:11.1f} {v['processed_tokens_per_s']:16.1f} "
               f"{v['real_fraction']:14.3f} {v['peak_rss_mb']:12.0f}")
-    print("real tokens/s: " + "   ".join(f"{name.replace('_vs_', ' / ')}: {value:.2f}x"
-                                         for name, value in ratios.items()))
+    print("real tokens/s, ratio of medians (paired per round): " + "   ".join(
+        f"{name.replace('_vs_', ' / ')} {value:.2f}x ({', '.join(f'{r:.2f}' for r in report['paired_ratios'][name])})"
+        for name, value in report["ratios"].items()))
     if args.out:
         from nemo_dft.data.io import write_text_atomic
 
-        write_text_atomic(args.out, json.dumps({"variants": variants, "ratios": ratios}, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
+
+
+RATIOS = (("packed", "paper"), ("packed", "padded"), ("packed_rows", "padded"), ("packed_rows", "paper"),
+          ("dft2_packed", "packed"))
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Medians over rounds per variant; ratios of the medians and per round."""
+    variants = {}
+    for name, results in runs.items():
+        variants[name] = {key: statistics.median(r[key] for r in results)
+                          for key in ("real_tokens_per_s", "processed_tokens_per_s", "real_fraction", "peak_rss_mb")}
+        variants[name].update(real_tokens=results[0]["real_tokens"], rounds=results)
+    ratios, paired = {}, {}
+    for ours, base in RATIOS:
+        if ours in runs and base in runs:
+            name = f"{ours}_vs_{base}"
+            ratios[name] = variants[ours]["real_tokens_per_s"] / variants[base]["real_tokens_per_s"]
+            paired[name] = [a["real_tokens_per_s"] / b["real_tokens_per_s"]
+                            for a, b in zip(runs[ours], runs[base], strict=True)]
+    return {"variants": variants, "ratios": ratios, "paired_ratios": paired}
 
 
 if __name__ == "__main__":

@@ -11,13 +11,10 @@ layout's order, into one packed row.  Two layouts:
   number of prompts while the global batch still counts prompts.
 
 ``position_ids`` restart at 0 for every sequence (what a learned absolute position embedding
-reads).  Rotary embeddings (Mistral, Llama) do not read them in megatron-core: on the local spec
-they rotate by the index in the packed row, and a sequence's attention scores depend only on the
-distance between its own tokens (RoPE's relative form), so they equal the padded layout's up to
-rounding (tests/modeling/test_packed_attention.py); with Transformer Engine's THD format the
-rotation restarts at every ``cu_seqlens`` boundary.  Attention is restricted to each sequence by a
-block-diagonal causal mask built from ``segment_ids`` (:mod:`nemo_dft.modeling.packed_attention`)
-or, with Transformer Engine, by ``cu_seqlens``.  Per-sequence log-probs are recovered with
+reads).  The model runs a packed row in megatron-core's THD format with the row's ``cu_seqlens``
+(:mod:`nemo_dft.modeling.packed_attention`): rotary embeddings restart at every boundary and
+attention stays within each sequence (Transformer Engine's kernels, or on the local spec
+:mod:`nemo_dft.modeling.varlen_attention`), as in the padded layout.  Per-sequence log-probs are recovered with
 :func:`packed_sequence_logps`.
 """
 

@@ -26,20 +26,14 @@ def logprob_data_step(dataloader_iter) -> dict[str, torch.Tensor]:
 
 
 def packed_aware_forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``model(tokens, position_ids, mask)``; a packed batch (``data.packing``) gets its attention
-    arguments from :mod:`nemo_dft.modeling.packed_attention`."""
+    """``model(tokens, position_ids, mask)``; a packed batch (``data.packing``) runs in THD format
+    (:mod:`nemo_dft.modeling.packed_attention`)."""
     if "segment_ids" not in batch:
         return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
-    from nemo_dft.modeling.packed_attention import packed_forward_kwargs, uses_transformer_engine
+    from nemo_dft.modeling.packed_attention import packed_forward_kwargs, prepare_packed
 
-    transformer_engine = getattr(model, "_nemo_dft_te", None)
-    if transformer_engine is None:
-        transformer_engine = uses_transformer_engine(model)
-        model._nemo_dft_te = transformer_engine
-    kwargs = packed_forward_kwargs(batch, transformer_engine)
-    if "packed_seq_params" in kwargs:  # THD: UNTESTED on CPU (no Transformer Engine there)
-        return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=kwargs["packed_seq_params"])
-    return model(batch["tokens"], batch["position_ids"], kwargs["attention_mask"])
+    kwargs = packed_forward_kwargs(batch, prepare_packed(model))
+    return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=kwargs["packed_seq_params"])
 
 
 class LogProbGPTModel(llm.GPTModel):

@@ -107,7 +107,11 @@ class DFTLossReduction(MegatronLossReduction):
         stats["response_tokens"] = (pos_len * counted).sum() + (neg_len.sum(dim=-1) * counted).sum()
         stats["tokens"] = (batch["lengths"].to(counted.device, counted.dtype) * rows_counted).sum()
         rows, width = batch["loss_mask"].shape  # computed positions, for the FLOPs count (throughput.py)
-        stats["padded_tokens"], stats["padded_token_pairs"] = rows * width, rows * width * width
+        stats["padded_tokens"] = rows * width
+        if is_packed(batch):  # THD attention runs per sequence: the sum of squared lengths, not width^2
+            stats["padded_token_pairs"] = batch["lengths"].to(pos.device, torch.float64).square().sum()
+        else:
+            stats["padded_token_pairs"] = rows * width * width
         stats["loss_count"] = stats["examples"]  # the loss is a mean over prompts (SFT: over positive tokens)
         count = torch.full((), examples, dtype=torch.long, device=pos.device)
         if self.evaluation:

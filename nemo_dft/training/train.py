@@ -159,15 +159,6 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
     gbs = cfg.model.global_batch_size
     dp = data_parallel_size(cfg)
 
-    if cfg.data.packing:
-        from nemo_dft.modeling.packed_attention import resolve_window
-
-        group = (1 + cfg.dft.num_negatives) * (cfg.data.max_length - 1)
-        row = cfg.data.pack_length or cfg.model.micro_batch_size * group
-        try:
-            resolve_window(gpt_config, row, transformer_engine=on_gpu)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
     # SFT's loss is a token mean over the global batch: megatron then divides the gradients by the
     # token count summed over micro-batches and data-parallel ranks (set either way: a checkpoint's
     # own config, model.preset=checkpoint, may carry the other objective's value)

@@ -1,15 +1,15 @@
-"""Packed rows through megatron's local layer spec: the block-diagonal causal mask gives each
-sequence exactly what it gets alone (logits and gradients), with and without a sliding window."""
+"""Packed rows through megatron's local layer spec: THD with the per-sequence core attention
+gives each sequence what it gets alone (log-probs and gradients), with and without a sliding
+window; the dense block-diagonal mask kept for benchmarks/step_cost.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nemo_dft.modeling.packed_attention import block_causal_mask, resolve_window, window_binds
+from nemo_dft.modeling.packed_attention import block_causal_mask
 from tests.conftest import torchrun
 
 
@@ -26,30 +26,15 @@ def test_mask_is_block_diagonal_causal_with_the_window_built_in():
     assert torch.equal(causal, torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1))
 
 
-def test_a_window_shorter_than_the_row_is_refused_and_a_longer_one_dropped_explicitly():
-    config = SimpleNamespace(window_size=[4096, 0])
-    assert window_binds(config.window_size, 4098) and not window_binds(config.window_size, 4097)
-    with pytest.raises(ValueError, match=r"data.packing=true: model.config.window_size=\[4096, 0\] is shorter"):
-        resolve_window(config, 8192, transformer_engine=False)
-    resolve_window(config, 8192, transformer_engine=True)  # TE applies the window per sequence
-    assert config.window_size == [4096, 0]
-    resolve_window(config, 4096, transformer_engine=False)
-    assert config.window_size is None
-
-
 @pytest.mark.slow
 def test_packed_row_matches_separate_sequences_on_the_local_spec(tmp_path):
     seed = int(torch.randint(0, 2**31, ()).item())
     torchrun(Path(__file__).parent / "workers" / "packed_attention.py", [str(tmp_path / "out.pt"), str(seed)], 1)
     results = torch.load(tmp_path / "out.pt", weights_only=True)
-    for case in ("no_window", "window_in_mask"):
+    for case in ("no_window", "window"):
         r = results[case]
-        torch.testing.assert_close(r["packed"], r["separate"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r["packed_grads"], r["separate_grads"], rtol=1e-4, atol=1e-5)
-    # the finding that makes resolve_window necessary: megatron's local softmax swaps a given mask
-    # for its own sliding-window mask when the config has one
-    swapped = results["window_swapped"]
-    assert (swapped["packed"] - swapped["separate"]).abs().max() > 1e-2
+        torch.testing.assert_close(r["packed"], r["separate"], rtol=1e-5, atol=1e-5, msg=case)
+        torch.testing.assert_close(r["packed_grads"], r["separate_grads"], rtol=1e-4, atol=1e-5, msg=case)
 
 
 def test_thd_boundaries_cover_the_whole_row():

@@ -1,5 +1,6 @@
 """Worker for test_packed_attention: a megatron-core GPT model on the local layer spec (CPU) scores
-sequences one by one and packed into one row; logits and gradients are saved for comparison.
+sequences one by one (padded path, megatron's own attention) and packed into one row with tail
+padding (THD, the trainer's path: VarlenCoreAttention); log-probs and gradients are saved.
 
 Usage: python packed_attention.py OUTPUT.pt SEED  (MASTER_ADDR/MASTER_PORT set)
 """
@@ -43,28 +44,30 @@ def logps_and_grads(model, tokens, labels, position_ids, mask):
     return logps.detach(), grads
 
 
-def compare(model, sequences, window_in_mask, clear_module_window=False):
-    from nemo_dft.modeling.packed_attention import block_causal_mask
+def compare(model, sequences, pad=5):
+    from nemo_dft.modeling.packed_attention import packed_forward_kwargs, prepare_packed
 
-    if clear_module_window:
-        for module in model.modules():
-            if hasattr(module, "scale_mask_softmax"):
-                module.scale_mask_softmax.window_size = None
+    prepare_packed(model)  # wraps the core attentions; unpacked calls pass through them unchanged
     separate_logps, separate_grads = [], 0
     for seq in sequences:
         tokens, labels = seq[:-1].unsqueeze(0), seq[1:].unsqueeze(0)
         positions = torch.arange(tokens.shape[1]).unsqueeze(0)
-        mask = block_causal_mask(torch.zeros_like(tokens), window_in_mask) if clear_module_window else None
-        logps, grads = logps_and_grads(model, tokens, labels, positions, mask)
+        logps, grads = logps_and_grads(model, tokens, labels, positions, None)
         separate_logps.append(logps[0])
         separate_grads = separate_grads + grads
-    tokens = torch.cat([s[:-1] for s in sequences]).unsqueeze(0)
-    labels = torch.cat([s[1:] for s in sequences]).unsqueeze(0)
-    positions = torch.cat([torch.arange(len(s) - 1) for s in sequences]).unsqueeze(0)
-    segments = torch.cat([torch.full((len(s) - 1,), r) for r, s in enumerate(sequences)]).unsqueeze(0)
-    packed_logps, packed_grads = logps_and_grads(model, tokens, labels, positions,
-                                                 block_causal_mask(segments, window_in_mask))
-    return {"separate": torch.cat(separate_logps), "packed": packed_logps[0],
+    real = sum(len(s) - 1 for s in sequences)
+    tokens = torch.cat([*(s[:-1] for s in sequences), torch.zeros(pad, dtype=torch.long)]).unsqueeze(0)
+    labels = torch.cat([*(s[1:] for s in sequences), torch.zeros(pad, dtype=torch.long)]).unsqueeze(0)
+    positions = torch.cat([*(torch.arange(len(s) - 1) for s in sequences), torch.zeros(pad, dtype=torch.long)])
+    lengths = torch.tensor([len(s) - 1 for s in sequences])
+    batch = {"tokens": tokens, "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])}
+    params = packed_forward_kwargs(batch, transformer_engine=False)["packed_seq_params"]
+    model.zero_grad()
+    logits = model(tokens, positions.unsqueeze(0), None, packed_seq_params=params)
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)[0, :real]
+    logps.sum().backward()
+    packed_grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return {"separate": torch.cat(separate_logps), "packed": logps.detach(),
             "separate_grads": separate_grads, "packed_grads": packed_grads}
 
 
@@ -83,13 +86,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(int(sys.argv[2]))
     sequences = [torch.randint(0, 97, (int(n),), generator=generator)
                  for n in torch.randint(4, 24, (5,), generator=generator)]
-    window = (5, 0)
     results = {
-        "no_window": compare(build(None), sequences, None),
-        # the issue's finding: with window_size set, the local softmax swaps the packed mask out
-        "window_swapped": compare(build(window), sequences, window),
-        # the window built into the block-diagonal mask (and taken away from the softmax)
-        "window_in_mask": compare(build(window), sequences, window, clear_module_window=True),
+        "no_window": compare(build(None), sequences),
+        # shorter than most sequences: megatron's padded path and the packed one apply it per sequence
+        "window": compare(build((5, 0)), sequences),
     }
     torch.save(results, sys.argv[1])
     parallel_state.destroy_model_parallel()
