@@ -108,3 +108,75 @@ def kill_process_tree(process: subprocess.Popen) -> None:
             pass
     psutil.wait_procs(tree, timeout=60)
     process.wait()
+
+
+# Qwen2.5's ChatML template (its default system message included, tool calls left out).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def chatml_tiny_copy(source: Path, out: Path) -> Path:
+    """A copy of tiny HF checkpoint ``source`` with Qwen's kind of tokenizer: the ChatML template,
+    ``<|endoftext|>``, ``<|im_start|>`` and ``<|im_end|>`` as special tokens (three of the tiny
+    tokenizer's reserved ids renamed, so the vocabulary keeps its size), no BOS, EOS ``<|im_end|>``
+    and pad ``<|endoftext|>``; ``config.json`` and ``generation_config.json`` name the same ids
+    (generation stops at either, as Qwen's generation config says)."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(source, out)
+    text = (source / "tokenizer.json").read_text(encoding="utf-8")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (out / name).unlink(missing_ok=True)
+    for i, token in enumerate(CHATML_TOKENS):
+        assert f'"<unused_{i}>"' in text
+        text = text.replace(f'"<unused_{i}>"', json.dumps(token))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), bos_token=None,
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
+                                        model_input_names=["input_ids", "attention_mask"])
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+    end_of_text, _, im_end = tokenizer.convert_tokens_to_ids(list(CHATML_TOKENS))
+    config = json.loads((out / "config.json").read_text())
+    config.update(bos_token_id=end_of_text, eos_token_id=im_end)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": end_of_text, "eos_token_id": [im_end, end_of_text], "pad_token_id": end_of_text}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return out
+
+
+# The shared tiny checkpoint of each new family: Qwen2 with untied embeddings and random q/k/v
+# biases, Qwen3 with tied embeddings (as Qwen3-0.6B to 4B) and random q/k norm weights.
+TINY_QWEN_TIED = {"qwen2": False, "qwen3": True}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_qwen(arch)`` -> ``(hf_dir, nemo_dir)``: a tiny Qwen2 or Qwen3 built by transformers'
+    own classes with a ChatML tokenizer (:func:`chatml_tiny_copy`), imported once per session."""
+    from nemo_dft.demo.tiny_model import build_tiny_hf_model
+
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in cache:
+            from nemo_dft.convert import api
+
+            root = tmp_path_factory.mktemp(f"tiny-{arch}-chatml")
+            build_tiny_hf_model(root / "plain", arch, seed=3, tie_embeddings=TINY_QWEN_TIED[arch])
+            hf_dir = chatml_tiny_copy(root / "plain", root / "hf")
+            cache[arch] = (hf_dir, api.import_hf(hf_dir, root / "nemo"))
+        return cache[arch]
+
+    return get

@@ -38,6 +38,20 @@ _HF_REQUIRED_KEYS = (
 )
 # model_types that NeMo has connectors for but nemo_dft refuses by name (mixture of experts).
 _HF_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4", "llama4_text", "deepseek_v3")
+# Dense families NeMo ships connectors for that need more than this module's pattern, refused by
+# name with what is missing (README "Supported model families").
+_HF_REFUSED_FAMILIES = {
+    "gemma": "Gemma scales the embeddings by sqrt(hidden_size), uses GeGLU (gelu_pytorch_tanh) and "
+             "norm weights offset by 1",
+    "gemma2": "Gemma 2 adds attention and final-logit soft-capping, alternating sliding-window layers and "
+              "extra norms around each block to Gemma's embedding scaling and GeGLU",
+    "gemma3": "Gemma 3 (a vision-language wrapper) adds local/global layers with two RoPE bases and q/k norm "
+              "to Gemma's embedding scaling and GeGLU",
+    "gemma3_text": "Gemma 3 adds local/global layers with two RoPE bases and q/k norm to Gemma's embedding "
+                   "scaling and GeGLU",
+    "phi3": "Phi-3 stores fused qkv_proj and gate_up_proj (another weight map and LoRA split), and NeMo's "
+            "connector drops its GQA heads, tied embeddings and longrope scaling",
+}
 # NeMo config class names (anywhere in the MRO; the most derived wins) that identify each
 # architecture.  Qwen3Config derives from Qwen2Config, Llama31Config from LlamaConfig.
 _NEMO_CONFIG_CLASSES = {
@@ -80,6 +94,11 @@ def detect_hf_arch(hf_dir: Path, requested: str = "auto") -> str:
         raise UnsupportedArchitectureError(
             f"{where}: model_type={model_type!r} is a mixture-of-experts model; nemo_dft converts dense "
             f"{', '.join(SUPPORTED_ARCHS)} models only"
+        )
+    if model_type in _HF_REFUSED_FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type={model_type!r} is not supported: {_HF_REFUSED_FAMILIES[model_type]}; "
+            f"nemo_dft converts {', '.join(SUPPORTED_ARCHS)}"
         )
     if model_type not in SUPPORTED_ARCHS:
         raise UnsupportedArchitectureError(

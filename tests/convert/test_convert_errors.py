@@ -236,6 +236,24 @@ def test_cli_reports_errors_with_status_2(tmp_path: Path, capsys: pytest.Capture
     assert "context: missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("model_type", "why"), [
+    ("gemma", "scales the embeddings"), ("gemma2", "soft-capping"), ("gemma3", "two RoPE bases"),
+    ("gemma3_text", "two RoPE bases"), ("phi3", "fused qkv_proj"), ("mixtral", "mixture-of-experts"),
+    ("qwen2_moe", "mixture-of-experts"),
+])
+def test_import_refuses_families_by_name(hf_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         model_type: str, why: str) -> None:
+    """Gemma 1/2/3, Phi-3 and the MoE families: one ``error:`` line naming the model_type and what
+    is missing, exit status 2, before NeMo is imported and before anything is written."""
+    _edit_config(hf_copy, model_type=model_type)
+    status = cli.main(["import", "--hf", str(hf_copy), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and f"model_type='{model_type}'" in lines[0] and why in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_norm_names_are_rewritten_only_for_the_local_spec() -> None:
     layer = "decoder.layers.*."
     te_map = {
