@@ -126,6 +126,9 @@ class PeftConfig:
     alpha: float = 16.0  # the adapter output is scaled by alpha / dim
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    # What a LoRA run's checkpoints hold: adapters (the adapters and their optimizer state, the base
+    # recorded by model.init_from's path and fingerprint and reloaded from it) | full (every weight)
+    checkpoint: str = "adapters"
 
 
 @dataclass
@@ -413,9 +416,13 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     _validate_peft(cfg)
 
 
+CHECKPOINT_CONTENTS = ("adapters", "full")  # peft.checkpoint
+
+
 def _validate_peft(cfg: DictConfig) -> None:
     p = cfg.peft
     _require(p.scheme in (None, "lora"), "peft.scheme", f"{p.scheme!r} is not lora or null (full fine-tuning)")
+    _require(p.checkpoint in CHECKPOINT_CONTENTS, "peft.checkpoint", f"{p.checkpoint!r} is not adapters or full")
     if p.scheme is None:
         return
     tp = cfg.model.tensor_model_parallel_size
@@ -430,3 +437,6 @@ def _validate_peft(cfg: DictConfig) -> None:
         _require(name in TARGET_MODULES, "peft.target_modules",
                  f"{name!r} is not one of {', '.join(TARGET_MODULES)}")
     _require(len(set(targets)) == len(targets), "peft.target_modules", f"{targets} names a module twice")
+    _require(p.checkpoint == "full" or cfg.model.init_from is not None, "peft.checkpoint",
+             "adapters-only checkpoints reload the frozen base from model.init_from, which is not set (a random "
+             "init cannot be reloaded); set model.init_from, or peft.checkpoint=full to save the base too")
