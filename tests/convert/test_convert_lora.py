@@ -111,8 +111,10 @@ def test_exports_of_adapter_only_and_full_checkpoints_are_equal(exported, tmp_pa
             assert a.keys() == b.keys() and a, (label, name)
             for key in a:
                 assert torch.equal(a[key], b[key]), (label, name, key)
-    assert (exported["adapter"] / "adapter_config.json").read_text() == (tmp_path / "adapter" /
-                                                                         "adapter_config.json").read_text()
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (exported["adapter"], tmp_path / "adapter")]
+    for config in configs:  # peft keeps target_modules as a set: its order in the file varies by process
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
 
 
 def test_adapter_export_of_a_full_fine_tuning_checkpoint_is_refused(exported, tmp_path):
