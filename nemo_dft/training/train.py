@@ -118,7 +118,9 @@ def check_adapter_checkpoints(cfg: DictConfig, resume_from: Path | None) -> dict
     refuse_adapter_only_init_from(cfg.model.init_from)
     if resume_from is not None:
         check_recorded_base(resume_from, cfg.model.init_from)
-    if cfg.peft.scheme != "lora" or cfg.peft.checkpoint != "adapters":
+    from nemo_dft.config.training import checkpoint_contents
+
+    if checkpoint_contents(cfg) != "adapters":
         return None
     return adapter_record(cfg.model.init_from)
 
