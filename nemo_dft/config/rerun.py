@@ -20,6 +20,7 @@ MUTABLE = (
     "run.dir",
     "trainer.",
     "checkpoint.",
+    "peft.checkpoint",  # what later checkpoints hold; a resume reads either kind
     "model.tensor_model_parallel_size",
     "model.pipeline_model_parallel_size",
     "model.context_parallel_size",

@@ -126,6 +126,10 @@ class PeftConfig:
     alpha: float = 16.0  # the adapter output is scaled by alpha / dim
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    # What a LoRA run's checkpoints hold: adapters (the adapters and their optimizer state, the base
+    # recorded by model.init_from's path and fingerprint and reloaded from it) | full (every weight) |
+    # auto (adapters when model.init_from is set, else full: a random init cannot be reloaded)
+    checkpoint: str = "auto"
 
 
 @dataclass
@@ -413,9 +417,23 @@ def validate(cfg: DictConfig, check_files: bool = True) -> None:
     _validate_peft(cfg)
 
 
+CHECKPOINT_CONTENTS = ("auto", "adapters", "full")  # peft.checkpoint
+
+
+def checkpoint_contents(cfg: DictConfig) -> str:
+    """What this run's checkpoints hold: ``adapters`` (a LoRA run whose base is reloaded from
+    model.init_from) or ``full``; ``peft.checkpoint=auto`` is adapters exactly when there is a base."""
+    if cfg.peft.scheme != "lora":
+        return "full"
+    if cfg.peft.checkpoint == "auto":
+        return "adapters" if cfg.model.init_from is not None else "full"
+    return cfg.peft.checkpoint
+
+
 def _validate_peft(cfg: DictConfig) -> None:
     p = cfg.peft
     _require(p.scheme in (None, "lora"), "peft.scheme", f"{p.scheme!r} is not lora or null (full fine-tuning)")
+    _require(p.checkpoint in CHECKPOINT_CONTENTS, "peft.checkpoint", f"{p.checkpoint!r} is not auto, adapters or full")
     if p.scheme is None:
         return
     tp = cfg.model.tensor_model_parallel_size
@@ -430,3 +448,6 @@ def _validate_peft(cfg: DictConfig) -> None:
         _require(name in TARGET_MODULES, "peft.target_modules",
                  f"{name!r} is not one of {', '.join(TARGET_MODULES)}")
     _require(len(set(targets)) == len(targets), "peft.target_modules", f"{targets} names a module twice")
+    _require(p.checkpoint != "adapters" or cfg.model.init_from is not None, "peft.checkpoint",
+             "adapters-only checkpoints reload the frozen base from model.init_from, which is not set (a random "
+             "init cannot be reloaded); set model.init_from, or peft.checkpoint=full to save the base too")

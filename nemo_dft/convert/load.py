@@ -24,7 +24,10 @@ def load_nemo_model(
     """The checkpoint's model (its own ``GPTModel`` subclass) with weights, and its trainer.
 
     Pass both to ``nemo.lightning.teardown`` when done.  ``dtype`` casts the weights after loading.
+    An adapter-only LoRA checkpoint (``peft.checkpoint=adapters``) takes its base weights from the
+    ``model.init_from`` it recorded, after checking that that is still the base it was trained on.
     """
+    base = adapter_checkpoint_base(nemo_dir)
     from nemo import lightning as nl
     from nemo.lightning import _strategy_lib, io
 
@@ -47,7 +50,37 @@ def load_nemo_model(
     with init:
         model.configure_model()
     trainer.strategy.setup(trainer)
-    trainer.strategy.load_checkpoint(str(nemo_dir))
+    with _base_from(trainer.strategy.checkpoint_io, base):
+        trainer.strategy.load_checkpoint(str(nemo_dir))
     if dtype is not None:
         unwrap_module(model).to(dtype)
     return model.eval(), trainer
+
+
+def adapter_checkpoint_base(nemo_dir: str | Path) -> Path | None:
+    """The checked base of an adapter-only checkpoint (None for one that holds every weight)."""
+    from nemo_dft.config.loading import ConfigError
+    from nemo_dft.convert.errors import ConfigMismatchError
+    from nemo_dft.training.adapter_checkpoint import check_recorded_base
+
+    try:
+        return check_recorded_base(nemo_dir)
+    except ConfigError as err:
+        raise ConfigMismatchError(str(err).removeprefix("model.init_from: ")) from err
+
+
+@contextlib.contextmanager
+def _base_from(io: Any, base: Path | None):
+    """While loading an adapter-only checkpoint, fill its base keys from ``base``."""
+    if base is None:
+        yield
+        return
+    from nemo_dft.training.adapter_checkpoint import load_adapters_and_base
+
+    load = io.load_checkpoint
+    io.load_checkpoint = lambda path, sharded_state_dict=None, **kwargs: load_adapters_and_base(
+        load, path, base, sharded_state_dict, **kwargs)
+    try:
+        yield
+    finally:
+        del io.load_checkpoint  # back to the class's method

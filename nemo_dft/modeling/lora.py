@@ -4,8 +4,9 @@ adapter-free view of the same module.
 NeMo's transform wraps each targeted linear layer (``linear_qkv``, ``linear_proj``, ``linear_fc1``,
 ``linear_fc2``; megatron's local layers on CPU, Transformer Engine's on GPU) in a ``LoRALinear``
 whose output is ``W x + (alpha / dim) * B A x``.  It is applied here when the model is built, so
-the optimizer and the gradient buffers see only the adapters and checkpoints carry them with the
-frozen base weights (resume and ``model.init_from`` work as for full fine-tuning).
+the optimizer and the gradient buffers see only the adapters; checkpoints carry the adapters alone
+(``peft.checkpoint=adapters``, the base reloaded from ``model.init_from``, see
+:mod:`nemo_dft.training.adapter_checkpoint`) or with the frozen base weights (``full``).
 
 With the adapters switched off (:func:`adapters_disabled`) the module computes exactly the base
 model: each wrapper returns its wrapped layer's output untouched.  Reference-based DFT scores its

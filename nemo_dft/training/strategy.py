@@ -28,6 +28,9 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
 
     _pending_rng_state: dict[str, Any] | None = None
     nonfinite_guard = None  # a NonFiniteGuard, set by training
+    # peft.checkpoint=adapters: {"init_from", "fingerprint"} of the base (adapter_checkpoint.adapter_record);
+    # checkpoints then hold the adapters only.  None: checkpoints hold every weight.
+    adapter_base: dict[str, str] | None = None
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
         """Run the step's forward/backward, then apply the update only if loss, u and gradients
@@ -70,6 +73,12 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
         checkpoint[rng_state.RNG_KEY] = rng_state.sharded_rng_state(rng_state.capture())
         checkpoint[rng_state.LAYOUT_KEY] = list(rng_state.current_layout())
+        if self.adapter_base is not None:  # NeMo's PEFT filtering (WrappedAdapterIO), see adapter_checkpoint
+            from nemo_dft.training.adapter_checkpoint import BASE_KEY, is_adapter_key
+
+            state = self.megatron_parallel.sharded_state_dict()
+            checkpoint["sharded_state_dict"] = {k: v for k, v in state.items() if is_adapter_key(k)}
+            checkpoint[BASE_KEY] = dict(self.adapter_base)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path, selective_restore: bool = False) -> dict[str, Any]:
@@ -78,22 +87,36 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
         with_rng = not selective_restore and self._saved_layout(checkpoint_path) == list(rng_state.current_layout())
         if selective_restore and self._has_adapters():
             return self._load_base_weights(checkpoint_path)
-        if not with_rng:
+        base = None if selective_restore else self._adapter_checkpoint_base(checkpoint_path)
+        if not with_rng and base is None:
             return super().load_checkpoint(checkpoint_path, selective_restore=selective_restore)
         io = self.checkpoint_io
         load = io.load_checkpoint
 
         def load_with_rng(path, sharded_state_dict=None, **kwargs):
-            sharded_state_dict[rng_state.RNG_KEY] = rng_state.sharded_rng_state()
-            return load(path, sharded_state_dict=sharded_state_dict, **kwargs)
+            if with_rng:
+                sharded_state_dict[rng_state.RNG_KEY] = rng_state.sharded_rng_state()
+            if base is None:
+                return load(path, sharded_state_dict=sharded_state_dict, **kwargs)
+            from nemo_dft.training.adapter_checkpoint import load_adapters_and_base
+
+            return load_adapters_and_base(load, path, base, sharded_state_dict, **kwargs)
 
         io.load_checkpoint = load_with_rng
         try:
             checkpoint = super().load_checkpoint(checkpoint_path, selective_restore=selective_restore)
         finally:
             del io.load_checkpoint  # back to the class's method
-        self._pending_rng_state = checkpoint.pop(rng_state.RNG_KEY)
+        self._pending_rng_state = checkpoint.pop(rng_state.RNG_KEY, None)
         return checkpoint
+
+    def _adapter_checkpoint_base(self, checkpoint_path) -> Path | None:
+        """The base to load with an adapter-only checkpoint (the run's ``model.init_from``, checked
+        against the checkpoint's record before NeMo started), or None for a full checkpoint."""
+        from nemo_dft.training.adapter_checkpoint import check_recorded_base
+
+        init_from = self.adapter_base["init_from"] if self.adapter_base else None
+        return check_recorded_base(checkpoint_path, init_from)
 
     def _has_adapters(self) -> bool:
         from nemo_dft.modeling.lora import has_lora

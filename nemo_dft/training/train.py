@@ -109,6 +109,22 @@ def resolve_max_steps(cfg: DictConfig, train: DFTGroupDataset) -> int:
     return cfg.trainer.max_steps
 
 
+def check_adapter_checkpoints(cfg: DictConfig, resume_from: Path | None) -> dict[str, str] | None:
+    """The base record of ``peft.checkpoint=adapters`` (None when checkpoints hold every weight),
+    after checking that ``model.init_from`` has base weights and, on a resume from an adapter-only
+    checkpoint, that it still holds the base that checkpoint was saved against."""
+    from nemo_dft.training.adapter_checkpoint import adapter_record, check_recorded_base, refuse_adapter_only_init_from
+
+    refuse_adapter_only_init_from(cfg.model.init_from)
+    if resume_from is not None:
+        check_recorded_base(resume_from, cfg.model.init_from)
+    from nemo_dft.config.training import checkpoint_contents
+
+    if checkpoint_contents(cfg) != "adapters":
+        return None
+    return adapter_record(cfg.model.init_from)
+
+
 def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainResult:
     """Run (or resume) DFT training as configured; returns a summary for rank 0 to print.
 
@@ -125,6 +141,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
 
         for change in check_rerun(run_dir / "config.yaml", cfg):
             logger.info("resumed with a changed setting: %s", change)
+    adapter_base = check_adapter_checkpoints(cfg, resume_from)  # before NeMo: a changed base exits 2
     if resume_from is None and cfg.model.init_from and process_rank() == 0:
         from nemo_dft.modeling.lora import checkpoint_has_adapters
 
@@ -219,6 +236,7 @@ def train(cfg: DictConfig, rows: dict[str, list[dict]] | None = None) -> TrainRe
 
     guard = NonFiniteGuard(cfg.trainer.nonfinite, train_ds.example_ids, check_gradients=cfg.model.precision != "fp16")
     strategy.nonfinite_guard = model.nonfinite_guard = guard
+    strategy.adapter_base = adapter_base
     metrics = MetricsJsonl(run_dir / "metrics.jsonl", progress_bar=cfg.trainer.progress_bar,
                            throughput=throughput.for_run(cfg, gpt_config, tokenizer.vocab_size, on_gpu))
     preemption = PreemptionStop(parse_signals(list(cfg.trainer.preemption_signals)))

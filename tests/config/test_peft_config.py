@@ -22,6 +22,10 @@ CASES = {
     "unknown_target": (["peft.scheme=lora", "peft.target_modules=[linear_qkv,q_proj]"],
                        ["peft.target_modules", "'q_proj'", "linear_fc1"]),
     "no_target": (["peft.scheme=lora", "peft.target_modules=[]"], ["peft.target_modules", "empty"]),
+    "unknown_checkpoint": (["peft.checkpoint=base"], ["peft.checkpoint", "'base'", "auto, adapters or full"]),
+    # adapters-only checkpoints reload the base from model.init_from; a random init cannot be reloaded
+    "adapters_without_init_from": (["peft.scheme=lora", "peft.checkpoint=adapters"],
+                                   ["peft.checkpoint", "model.init_from", "peft.checkpoint=full"]),
 }
 
 
@@ -53,10 +57,24 @@ def test_default_is_full_fine_tuning_and_lora_settings_follow_the_config():
     assert load_config(overrides=[]).peft.scheme is None
     assert lora_settings(load_config(overrides=[])) is None
     cfg = load_config(overrides=["peft.scheme=lora", "peft.dim=4", "peft.alpha=8", "peft.target_modules=[linear_qkv]",
-                                 "run.seed=7"])
+                                 "run.seed=7", "peft.checkpoint=full"])
+    assert load_config(overrides=[]).peft.checkpoint == "auto"
     settings = lora_settings(cfg)
     assert (settings.dim, settings.alpha, settings.target_modules, settings.seed, settings.scale) == (
         4, 8.0, ("linear_qkv",), 7, 2.0)
+
+
+def test_auto_checkpoints_hold_adapters_exactly_when_there_is_a_base(tmp_path):
+    from nemo_dft.config.training import checkpoint_contents
+
+    def contents(*overrides: str) -> str:
+        return checkpoint_contents(load_config(overrides=list(overrides), check_files=False))
+
+    assert contents("peft.scheme=lora") == "full"  # a random init cannot be reloaded
+    assert contents("peft.scheme=lora", f"model.init_from={tmp_path}", "model.preset=checkpoint") == "adapters"
+    assert contents("peft.scheme=lora", f"model.init_from={tmp_path}", "model.preset=checkpoint",
+                    "peft.checkpoint=full") == "full"
+    assert contents(f"model.init_from={tmp_path}", "model.preset=checkpoint") == "full"  # full fine-tuning
 
 
 def test_validation_does_not_import_nemo():

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_child, script_command, subprocess_env
 
@@ -16,6 +17,10 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["trainer.progress_bar=false", "model.global_batch_size=8", "data.eval_path=null", "data.num_epochs=1",
           "log.tensorboard=false"]
+
+
+LORA_RUN = ["trainer.max_steps=2", "trainer.devices=2", "model.tensor_model_parallel_size=2", "peft.scheme=lora",
+            "peft.dim=4", "peft.alpha=8", "optim.lr=5e-2", "optim.min_lr=5e-2", "optim.warmup_ratio=0"]
 
 
 def train(run_dir: Path, nproc: int, *overrides: str) -> Path:
@@ -31,9 +36,7 @@ def exported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora_export")
     base = train(root / "base", 1, "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
-    lora = train(root / "lora", 2, "trainer.max_steps=2", f"model.init_from={base}", "trainer.devices=2",
-                 "model.tensor_model_parallel_size=2", "peft.scheme=lora", "peft.dim=4", "peft.alpha=8",
-                 "optim.lr=5e-2", "optim.min_lr=5e-2", "optim.warmup_ratio=0")
+    lora = train(root / "lora", 2, *LORA_RUN, f"model.init_from={base}")  # adapter-only checkpoints (default)
     hf_base = export_hf(base, root / "hf_base")
     adapter = root / "adapter"
     command = script_command("scripts/convert_hf.py", "export", "--nemo", str(lora), "--out", str(adapter),
@@ -82,6 +85,36 @@ def test_merged_export_gives_the_nemo_logits(exported):
 
     comparison = verify(exported["hf_merged"], exported["lora"])
     assert comparison.max_abs_diff < 1e-5, comparison.summary()
+
+
+def test_exports_of_adapter_only_and_full_checkpoints_are_equal(exported, tmp_path):
+    """The fixture's run saves adapter-only checkpoints (the base is loaded from its model.init_from on
+    export); the same run with peft.checkpoint=full holds every weight.  Both exports, merged and PEFT
+    adapter, are equal tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from nemo_dft.convert import export_hf
+    from nemo_dft.convert.peft_export import export_adapter
+    from nemo_dft.training.adapter_checkpoint import recorded_base
+
+    assert recorded_base(exported["lora"]) is not None  # the fixture's checkpoint is adapter-only
+    full = train(tmp_path / "lora_full", 2, *LORA_RUN, f"model.init_from={exported['base']}", "peft.checkpoint=full")
+    assert recorded_base(full) is None
+    pairs = {"merged": (exported["hf_merged"], export_hf(full, tmp_path / "hf_merged")),
+             "adapter": (exported["adapter"], export_adapter(full, tmp_path / "adapter",
+                                                             base_model=str(exported["hf_base"])))}
+    for label, (ours, theirs) in pairs.items():
+        files = sorted(p.name for p in Path(ours).glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in Path(theirs).glob("*.safetensors")), label
+        for name in files:
+            a, b = load_file(str(Path(ours) / name)), load_file(str(Path(theirs) / name))
+            assert a.keys() == b.keys() and a, (label, name)
+            for key in a:
+                assert torch.equal(a[key], b[key]), (label, name, key)
+    configs = [json.loads((d / "adapter_config.json").read_text()) for d in (exported["adapter"], tmp_path / "adapter")]
+    for config in configs:  # peft keeps target_modules as a set: its order in the file varies by process
+        config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]
 
 
 def test_adapter_export_of_a_full_fine_tuning_checkpoint_is_refused(exported, tmp_path):

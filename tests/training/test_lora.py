@@ -4,7 +4,9 @@ One base checkpoint, then 3 steps of reference-based DFT from it with LoRA (adap
 reference) and with full fine-tuning (the frozen copy).  Both see the same batches, so every
 reference log-prob of the LoRA run must equal the frozen copy's bit for bit (fp32) at step 0 and
 after the adapters have moved; only the adapters and their Adam state train.  A killed LoRA run
-resumes bit-exactly.
+resumes bit-exactly.  The LoRA run saves adapter-only checkpoints (``peft.checkpoint=adapters``, the
+default) every step, beside the same run with ``peft.checkpoint=full``: the former hold the adapters
+only, record their base, and a changed or missing base is refused.
 """
 
 from __future__ import annotations
@@ -57,12 +59,27 @@ def runs(tmp_path_factory):
     launch(root / "base", "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
     base = last_checkpoint(root / "base")
     steps = ["trainer.max_steps=3", f"model.init_from={base}"]
+    every_step = "checkpoint.every_n_steps=1"
     return {
         "root": root,
         "base": base,
-        "lora": recorded_run(root / "lora", *steps, *LORA),
+        "lora": recorded_run(root / "lora", *steps, *LORA, every_step),
+        "lora_full": recorded_run(root / "lora_full", *steps, *LORA, every_step, "peft.checkpoint=full"),
         "full": recorded_run(root / "full", *steps),
     }
+
+
+def tensor_keys(checkpoint: Path) -> list[str]:
+    """The tensor keys of a checkpoint's weights part, from its dist_checkpointing metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(checkpoint / "weights")).read_metadata()
+    return sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata))
+
+
+def du_bytes(path: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
 
 
 def test_reference_is_the_base_checkpoint_exactly(runs):
@@ -74,10 +91,49 @@ def test_reference_is_the_base_checkpoint_exactly(runs):
         assert torch.equal(ours["logps"], copy["logps"]), f"step {ours['step']}: reference log-probs differ"
 
 
+def test_adapter_checkpoints_hold_only_the_adapters_and_their_base_record(runs):
+    """Every checkpoint of the LoRA run (one per step): the adapters' A and B and their Adam moments,
+    no base weight; common.pt names the base and its fingerprint.  The same run with
+    peft.checkpoint=full holds the base weights too, and no record."""
+    from nemo_dft.training.adapter_checkpoint import BASE_KEY, base_fingerprint
+
+    root = runs["root"]
+    saved = sorted(p for p in (root / "lora" / "checkpoints").iterdir() if p.is_dir())
+    assert [p.name for p in saved] == ["step=2", "step=3", "step=3-last"]
+    for checkpoint in saved:
+        keys = tensor_keys(checkpoint)
+        print(checkpoint.name, keys)
+        model = [k for k in keys if k.startswith("module.")]
+        assert len(model) == 4 * 2 and all(".adapter.linear_" in k for k in model), model
+        moments = [k for k in keys if k.startswith("optimizer.state.")]
+        assert len(moments) == 2 * len(model) and all(".adapter." in k for k in moments), moments
+        assert set(keys) == set(model) | set(moments), set(keys) - set(model) - set(moments)
+        common = torch.load(checkpoint / "weights" / "common.pt", weights_only=False)
+        assert common[BASE_KEY] == {"init_from": str(runs["base"].absolute()),
+                                    "fingerprint": base_fingerprint(runs["base"])}
+        assert "dft_u_table" in common and common["global_step"] == int(checkpoint.name.split("=")[1][:1])
+    full = last_checkpoint(root / "lora_full")
+    full_keys = tensor_keys(full)
+    assert "module.decoder.layers.self_attention.linear_qkv.weight" in full_keys
+    assert "module.embedding.word_embeddings.weight" in full_keys
+    assert BASE_KEY not in torch.load(full / "weights" / "common.pt", weights_only=False)
+    assert set(tensor_keys(last_checkpoint(root / "lora"))) < set(full_keys)
+    sizes = {name: du_bytes(last_checkpoint(root / name) / "weights") for name in ("lora", "lora_full")}
+    print("weights/ on disk:", sizes)
+    assert sizes["lora"] < sizes["lora_full"] / 3
+
+
 def test_only_the_adapters_train(runs):
+    """Adapter-only and full checkpoints of the same run hold the same adapters and Adam state; the
+    full one's base weights are the base checkpoint's."""
     root = runs["root"]
     base = full_state(runs["base"] / "weights", root / "base_state.pt")
-    trained = full_state(last_checkpoint(root / "lora") / "weights", root / "lora_state.pt")
+    trained = full_state(last_checkpoint(root / "lora_full") / "weights", root / "lora_full_state.pt")
+    adapters_only = full_state(last_checkpoint(root / "lora") / "weights", root / "lora_state.pt")
+    shared = [k for k in adapters_only if torch.is_tensor(adapters_only[k])]
+    assert len(shared) == 3 * 4 * 2
+    for name in shared:
+        assert torch.equal(adapters_only[name], trained[name]), name
     adapters = sorted(k for k in trained if ".adapter." in k and k.startswith("module.") and k.endswith(".weight"))
     assert len(adapters) == 4 * 2  # A and B of qkv, proj, fc1, fc2 (stacked over the 2 layers)
     for name in adapters:  # B starts at zero: a B that moved proves the reference had something to switch off
@@ -98,8 +154,9 @@ def test_only_the_adapters_train(runs):
     assert memory["optimizer_state_bytes_per_rank"][0] < full_memory["optimizer_state_bytes_per_rank"][0] / 5
 
 
-def test_killed_lora_run_resumes_bit_exactly(tmp_path):
-    """SIGKILL after the first checkpoint, rerun: same metrics, u table, adapters and Adam state as an
+def test_killed_lora_run_resumes_bit_exactly(runs, tmp_path):
+    """SIGKILL after the first (adapter-only) checkpoint, rerun: the base comes from model.init_from,
+    the adapters and state from the checkpoint; same metrics, u table, adapters and Adam state as an
     uninterrupted run (adapter dropout and model dropout on, so the generators must be restored too)."""
     import subprocess
     import time
@@ -107,7 +164,8 @@ def test_killed_lora_run_resumes_bit_exactly(tmp_path):
     from tests.conftest import REPO, kill_process_tree, subprocess_env
     from tests.training.test_resume import ARGS, assert_same_run, complete_last_checkpoints, metrics
 
-    extra = ["peft.scheme=lora", "peft.dropout=0.1", "dft.reference=frozen", "log.tensorboard=false"]
+    extra = ["peft.scheme=lora", "peft.dropout=0.1", "dft.reference=frozen", "log.tensorboard=false",
+             f"model.init_from={runs['base']}"]
 
     def command(run_dir: Path) -> list[str]:
         return [sys.executable, "scripts/train_dft.py", f"run.dir={run_dir}", *ARGS, *extra]
@@ -135,6 +193,46 @@ def test_killed_lora_run_resumes_bit_exactly(tmp_path):
     assert trained and any(k.startswith("optimizer.state.exp_avg.") for k in trained)
     for key in trained:
         assert torch.equal(resumed[key], reference[key]), key
+    assert all(".adapter." in k for k in tensor_keys(ours) if k.startswith("module."))  # adapter-only
+
+
+def test_changed_or_missing_base_is_refused(runs, tmp_path):
+    """An adapter-only run stopped after step 2, resumed after its model.init_from was replaced by
+    another model of the same shapes (the full fine-tuning run's checkpoint: the base retrained), and
+    after it was removed: exit 2, one error line naming the checkpoint and the base, nothing trained.
+    The export of such a checkpoint is refused the same way."""
+    import shutil
+
+    from nemo_dft.convert.errors import ConfigMismatchError
+    from nemo_dft.convert.load import adapter_checkpoint_base
+
+    base = tmp_path / "base"
+    shutil.copytree(runs["base"], base)
+    run_dir = tmp_path / "lora"
+    launch(run_dir, "trainer.max_steps=3", f"model.init_from={base}", *LORA, "checkpoint.every_n_steps=1")
+    checkpoints = run_dir / "checkpoints"
+    for name in ("step=3", "step=3-last"):  # as if stopped after step 2 (a finished run would be a no-op)
+        shutil.rmtree(checkpoints / name)
+    stopped = checkpoints / "step=2-last"
+    (checkpoints / "step=2").rename(stopped)
+    (run_dir / "metrics.jsonl").write_text("".join((run_dir / "metrics.jsonl").read_text().splitlines(True)[:2]))
+    assert adapter_checkpoint_base(stopped) == base.absolute()  # the untouched base is accepted
+    shutil.rmtree(base)
+    shutil.copytree(last_checkpoint(runs["root"] / "full"), base)  # same names and shapes, other weights
+    for label in ("changed", "missing"):
+        if label == "missing":
+            shutil.rmtree(base)
+        result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON,
+                                          "trainer.max_steps=3", f"model.init_from={base}", *LORA,
+                                          "checkpoint.every_n_steps=1"))
+        assert result.returncode == 2, f"{label}:\n{result.stderr[-4000:]}"
+        [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+        assert str(stopped) in line and str(base) in line, line
+        assert ("different weights" if label == "changed" else "does not exist") in line, line
+        assert "Traceback" not in result.stderr
+        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+        with pytest.raises(ConfigMismatchError, match="different weights" if label == "changed" else "does not"):
+            adapter_checkpoint_base(stopped)
 
 
 @pytest.mark.parametrize("variant", ["lora", "full"])

@@ -80,9 +80,11 @@ EXTRA = {
     "frozen_tp1_pp1_dp1_mb4": FROZEN,
     "frozen_tp1_pp2_dp1_mb4": FROZEN,
 }
-LORA = [*FROZEN, "peft.scheme=lora", "peft.dim=4"]
+# full checkpoints: test_lora_layout_matches_single_process checks the base weights they hold
+LORA = [*FROZEN, "peft.scheme=lora", "peft.dim=4", "peft.checkpoint=full"]
 EXTRA.update({name: LORA for name in LAYOUTS if name.startswith("frozen_lora_")})
-EXTRA.update({name: ["peft.scheme=lora", "peft.dim=4"] for name in LAYOUTS if name.startswith("lora_")})
+EXTRA.update({name: ["peft.scheme=lora", "peft.dim=4", "peft.checkpoint=full"] for name in LAYOUTS
+              if name.startswith("lora_")})
 EXTRA.update({name: ["dft.objective=sft"] for name in LAYOUTS if name.startswith("sft_")})
 EXTRA["sft_nonegatives_tp1_pp1_dp1_mb4"].append("dft.num_negatives=0")
 DFT2_LAYOUTS = [n for n in LAYOUTS if not n.startswith(("frozen_", "lora_", "sft_"))]

@@ -275,7 +275,8 @@ def test_lora_run_meter_counts_the_adapters():
     config = SimpleNamespace(num_layers=2, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
                              num_query_groups=2, kv_channels=32, make_vocab_size_divisible_by=128,
                              tensor_model_parallel_size=1, gated_linear_unit=True, vocab_size=None)
-    cfg = load_config(None, ["peft.scheme=lora", "peft.dim=4", "peft.target_modules=[linear_qkv,linear_fc2]"],
+    cfg = load_config(None, ["peft.scheme=lora", "peft.dim=4", "peft.target_modules=[linear_qkv,linear_fc2]",
+                             "peft.checkpoint=full"],
                       check_files=False)
     meter = for_run(cfg, config, 512, on_gpu=False)
     assert meter.lora == LoRAShape(rank=4, targets=("linear_qkv", "linear_fc2")) and meter.reference_forward
