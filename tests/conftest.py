@@ -1,4 +1,5 @@
-"""Shared test helpers: launching multi-process workers once per module."""
+"""Shared test helpers: launching training children, and the runs that several test files share
+(made once per session: the initial checkpoint, the layout runs)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,42 @@ def kill_process_tree(process: subprocess.Popen) -> None:
             pass
     psutil.wait_procs(tree, timeout=60)
     process.wait()
+
+
+class SharedRuns:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[tuple, Path] = {}
+
+    def get(self, nproc: int, *overrides: str) -> Path:
+        """The run directory of ``scripts/train_dft.py`` with the layout tests' common settings
+        (tests/training/test_parallel_layouts.py) and ``overrides`` on ``nproc`` processes, trained
+        on first use."""
+        from tests.training.test_parallel_layouts import launch
+
+        key = (nproc, overrides)
+        if key not in self.done:
+            run_dir = self.root / f"run{len(self.done)}"
+            launch(run_dir, nproc, *overrides)
+            self.done[key] = run_dir
+        return self.done[key]
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> SharedRuns:
+    """Training runs shared between test files: a run with the same process count and overrides
+    is made once per session (the layout and packing comparisons)."""
+    return SharedRuns(tmp_path_factory.mktemp("shared_runs"))
+
+
+@pytest.fixture(scope="session")
+def initial_checkpoint(shared_runs: SharedRuns) -> Path:
+    """The untrained tiny model as a training checkpoint (``optim.lr=0``, one step), made once per
+    session: the ``model.init_from`` of every test that starts from the initial weights.
+
+    ``model.init_from`` restores the weights only (no optimizer state, u table or generators), and
+    at lr = 0 they are the random initialization of ``run.seed`` whatever the objective, so one
+    such checkpoint serves tests that each trained their own with other settings."""
+    from tests.training.test_parallel_layouts import INIT, last_checkpoint
+
+    return last_checkpoint(shared_runs.get(1, *INIT)).parent

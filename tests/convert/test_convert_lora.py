@@ -26,11 +26,11 @@ def train(run_dir: Path, nproc: int, *overrides: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, initial_checkpoint):
     from nemo_dft.convert import export_hf
 
     root = tmp_path_factory.mktemp("lora_export")
-    base = train(root / "base", 1, "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
+    base = initial_checkpoint  # the untrained model (lr = 0), shared with other files (tests/conftest.py)
     lora = train(root / "lora", 2, "trainer.max_steps=2", f"model.init_from={base}", "trainer.devices=2",
                  "model.tensor_model_parallel_size=2", "peft.scheme=lora", "peft.dim=4", "peft.alpha=8",
                  "optim.lr=5e-2", "optim.min_lr=5e-2", "optim.warmup_ratio=0")

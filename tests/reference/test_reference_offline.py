@@ -46,11 +46,9 @@ def read_scores(path: Path) -> dict[tuple[str, int, str], float]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, initial_checkpoint):
     root = tmp_path_factory.mktemp("reference")
-    init_run = root / "init"
-    ok(script("train_dft.py", f"run.dir={init_run}", *COMMON, "trainer.max_steps=1", "optim.lr=0", "optim.min_lr=0"))
-    [init] = sorted((init_run / "checkpoints").glob("*-last"))
+    init = initial_checkpoint  # the untrained model (lr = 0), shared with other files (tests/conftest.py)
     scored = root / "tp1.parquet"
     ok(script("precompute_ref_logps.py", f"model.init_from={init}", *COMMON, f"output={scored}",
               "model.micro_batch_size=8"))

@@ -16,18 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_child, script_command
+from tests.conftest import run_child
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["trainer.progress_bar=false", "data.num_epochs=1", "data.eval_path=null", "model.global_batch_size=8",
           "optim.warmup_ratio=0", "dft.reference=frozen", "log.tensorboard=false"]
 LORA = ["peft.scheme=lora", "peft.dim=4", "peft.alpha=8", "optim.lr=3e-2", "optim.min_lr=3e-2"]
-
-
-def launch(run_dir: Path, *overrides: str) -> None:
-    result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides))
-    assert result.returncode == 0, f"{run_dir.name}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
 def recorded_run(run_dir: Path, *overrides: str) -> list[dict]:
@@ -52,10 +47,9 @@ def full_state(weights: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, initial_checkpoint):
     root = tmp_path_factory.mktemp("lora")
-    launch(root / "base", "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
-    base = last_checkpoint(root / "base")
+    base = initial_checkpoint  # the untrained model (lr = 0), shared with other files (tests/conftest.py)
     steps = ["trainer.max_steps=3", f"model.init_from={base}"]
     return {
         "root": root,

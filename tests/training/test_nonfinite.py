@@ -71,10 +71,9 @@ def weights_finite(checkpoint: Path, out: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, initial_checkpoint):
     root = tmp_path_factory.mktemp("nonfinite")
-    ok(run(f"run.dir={root / 'init'}", "trainer.max_steps=1", "optim.lr=0", "optim.min_lr=0"))
-    [init] = sorted((root / "init" / "checkpoints").glob("*-last"))
+    init = initial_checkpoint  # the untrained model (lr = 0), shared with other files (tests/conftest.py)
     scores = root / "ref.parquet"
     ok(run(f"model.init_from={init}", f"output={scores}", script="precompute_ref_logps.py"))
     order = order_of_epoch_0()

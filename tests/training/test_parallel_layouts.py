@@ -108,7 +108,8 @@ def full_parameters(weights: Path, out: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("module.") and torch.is_tensor(v)}
 
 
-INIT = ("optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")  # the initial checkpoint every run starts from
+# the initial checkpoint every run starts from (tests/conftest.py's initial_checkpoint, shared with other files)
+INIT = ("optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
 
 
 def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra: str) -> tuple[str, ...]:
@@ -118,10 +119,9 @@ def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shared_runs):
+def runs(tmp_path_factory, shared_runs, initial_checkpoint):
     root = tmp_path_factory.mktemp("layouts")
-    init = shared_runs.get(1, *INIT)
-    init_ckpt = last_checkpoint(init).parent
+    init_ckpt = initial_checkpoint
     results = {}
     for name, (tp, pp, dp, mb) in LAYOUTS.items():
         # shared with test_packing_equivalence.py where it runs the same layout
@@ -135,7 +135,7 @@ def runs(tmp_path_factory, shared_runs):
             "memory": json.loads((run_dir / "memory.json").read_text()),
             "checkpoint": weights.parent,
         }
-    results["init"] = {"params": full_parameters(last_checkpoint(init), root / "init.pt")}
+    results["init"] = {"params": full_parameters(init_ckpt / "weights", root / "init.pt")}
     return results
 
 
