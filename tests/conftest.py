@@ -1,5 +1,5 @@
 """Shared test helpers: launching training children, and the runs that several test files share
-(made once per session: the initial checkpoint, the layout runs)."""
+(made once per session: the initial checkpoint, its offline reference scores, the layout runs)."""
 
 from __future__ import annotations
 
@@ -148,3 +148,15 @@ def initial_checkpoint(shared_runs: SharedRuns) -> Path:
     from tests.training.test_parallel_layouts import INIT, last_checkpoint
 
     return last_checkpoint(shared_runs.get(1, *INIT)).parent
+
+
+@pytest.fixture(scope="session")
+def initial_reference_scores(initial_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``scripts/precompute_ref_logps.py`` from ``initial_checkpoint`` over the tiny task's training
+    file for one epoch (the default batch sizes), made once per session.  Read it only: copy it to
+    change it."""
+    scores = tmp_path_factory.mktemp("initial_reference_scores") / "ref.parquet"
+    scored = run_child(script_command("scripts/precompute_ref_logps.py", f"model.init_from={initial_checkpoint}",
+                                      "data.num_epochs=1", "data.eval_path=null", f"output={scores}"))
+    assert scored.returncode == 0, f"{scored.stdout[-3000:]}\n{scored.stderr[-4000:]}"
+    return scores
