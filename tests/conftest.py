@@ -133,7 +133,7 @@ class SharedRuns:
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> SharedRuns:
     """Training runs shared between test files: a run with the same process count and overrides
-    is made once per session (the layout and packing comparisons)."""
+    is made once per session (the layout and packing comparisons, the TP = 1 and TP = 2 exports)."""
     return SharedRuns(tmp_path_factory.mktemp("shared_runs"))
 
 

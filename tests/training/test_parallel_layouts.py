@@ -118,14 +118,21 @@ def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra
             f"model.init_from={init_ckpt}", *extra)
 
 
+def layout_run(shared_runs, init_ckpt: Path, name: str) -> Path:
+    """The run directory of ``LAYOUTS[name]``, trained on first use; shared with
+    test_packing_equivalence.py where it runs the same layout, and with
+    tests/convert/test_convert_dft_checkpoint.py, which exports two of them."""
+    tp, pp, dp, mb = LAYOUTS[name]
+    return shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shared_runs, initial_checkpoint):
     root = tmp_path_factory.mktemp("layouts")
     init_ckpt = initial_checkpoint
     results = {}
-    for name, (tp, pp, dp, mb) in LAYOUTS.items():
-        # shared with test_packing_equivalence.py where it runs the same layout
-        run_dir = shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
+    for name in LAYOUTS:
+        run_dir = layout_run(shared_runs, init_ckpt, name)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         weights = last_checkpoint(run_dir)
         results[name] = {
