@@ -115,6 +115,7 @@ class SharedRuns:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.done: dict[tuple, Path] = {}
+        self.stdout: dict[Path, str] = {}  # what each run printed
 
     def get(self, nproc: int, *overrides: str) -> Path:
         """The run directory of ``scripts/train_dft.py`` with the layout tests' common settings
@@ -125,7 +126,7 @@ class SharedRuns:
         key = (nproc, overrides)
         if key not in self.done:
             run_dir = self.root / f"run{len(self.done)}"
-            launch(run_dir, nproc, *overrides)
+            self.stdout[run_dir] = launch(run_dir, nproc, *overrides).stdout
             self.done[key] = run_dir
         return self.done[key]
 

@@ -30,6 +30,7 @@ s̄/tau, a relative tolerance on it is the scores' own, and it stays relative.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,10 @@ SFT_LAYOUTS = [n for n in LAYOUTS if n.startswith("sft_tp")]
 METRICS = ("loss", "pos_logps", "neg_logps", "u_mean", "weight_mean", "rank_acc", "grad_norm")
 
 
-def launch(run_dir: Path, nproc: int, *overrides: str) -> None:
+def launch(run_dir: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
     result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides, nproc=nproc))
     assert result.returncode == 0, f"{run_dir.name}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -120,7 +122,8 @@ def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra
 
 def layout_run(shared_runs, init_ckpt: Path, name: str) -> Path:
     """The run directory of ``LAYOUTS[name]``, trained on first use; shared with
-    test_packing_equivalence.py where it runs the same layout, and with
+    test_packing_equivalence.py where it runs the same layout, with test_train_e2e.py, which checks
+    what the runs of DFT and DFT2 on one process write, and with
     tests/convert/test_convert_dft_checkpoint.py, which exports two of them."""
     tp, pp, dp, mb = LAYOUTS[name]
     return shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
