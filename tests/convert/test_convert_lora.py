@@ -10,30 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_child, script_command, subprocess_env
+from tests.conftest import REPO, script_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["trainer.progress_bar=false", "model.global_batch_size=8", "data.eval_path=null", "data.num_epochs=1",
-          "log.tensorboard=false"]
-
-
-def train(run_dir: Path, nproc: int, *overrides: str) -> Path:
-    result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides, nproc=nproc))
-    assert result.returncode == 0, result.stderr[-6000:]
-    [last] = sorted((run_dir / "checkpoints").glob("*-last"))
-    return last
+# test_parallel_layouts.py's LoRA run at TP = 2 (DFT2, 3 steps from the shared initial checkpoint,
+# rank 4, alpha 8), made once per session for both files
+LORA_RUN = "lora_tp2_pp1_dp1_mb4"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, initial_checkpoint):
+def exported(tmp_path_factory, shared_runs, initial_checkpoint):
     from nemo_dft.convert import export_hf
+    from tests.training.test_parallel_layouts import EXTRA, LAYOUTS, last_checkpoint, layout_run
 
     root = tmp_path_factory.mktemp("lora_export")
     base = initial_checkpoint  # the untrained model (lr = 0), shared with other files (tests/conftest.py)
-    lora = train(root / "lora", 2, "trainer.max_steps=2", f"model.init_from={base}", "trainer.devices=2",
-                 "model.tensor_model_parallel_size=2", "peft.scheme=lora", "peft.dim=4", "peft.alpha=8",
-                 "optim.lr=5e-2", "optim.min_lr=5e-2", "optim.warmup_ratio=0")
+    assert LAYOUTS[LORA_RUN][0] == 2 and {"peft.scheme=lora", "peft.dim=4", "peft.alpha=8"} <= set(EXTRA[LORA_RUN])
+    lora = last_checkpoint(layout_run(shared_runs, base, LORA_RUN)).parent
     hf_base = export_hf(base, root / "hf_base")
     adapter = root / "adapter"
     command = script_command("scripts/convert_hf.py", "export", "--nemo", str(lora), "--out", str(adapter),
@@ -74,6 +68,7 @@ def test_peft_adapter_on_the_exported_base_gives_the_nemo_logits(exported):
     assert with_adapter.max_abs_diff < 1e-5, with_adapter.summary()
     # the adapters matter: the base alone is far from the LoRA model
     without = nemo_comparison(load_hf_model(exported["hf_base"]), exported["lora"], exported["hf_base"])
+    print(f"the base alone against the LoRA model: {without.summary()}")
     assert without.max_abs_diff > 1e-3, without.summary()
 
 

@@ -83,7 +83,8 @@ EXTRA = {
 }
 LORA = [*FROZEN, "peft.scheme=lora", "peft.dim=4"]
 EXTRA.update({name: LORA for name in LAYOUTS if name.startswith("frozen_lora_")})
-EXTRA.update({name: ["peft.scheme=lora", "peft.dim=4"] for name in LAYOUTS if name.startswith("lora_")})
+# alpha 8 (not the default): tests/convert/test_convert_lora.py exports lora_tp2_pp1_dp1_mb4 and checks it
+EXTRA.update({name: ["peft.scheme=lora", "peft.dim=4", "peft.alpha=8"] for name in LAYOUTS if name.startswith("lora_")})
 EXTRA.update({name: ["dft.objective=sft"] for name in LAYOUTS if name.startswith("sft_")})
 EXTRA["sft_nonegatives_tp1_pp1_dp1_mb4"].append("dft.num_negatives=0")
 DFT2_LAYOUTS = [n for n in LAYOUTS if not n.startswith(("frozen_", "lora_", "sft_"))]
@@ -123,8 +124,8 @@ def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra
 def layout_run(shared_runs, init_ckpt: Path, name: str) -> Path:
     """The run directory of ``LAYOUTS[name]``, trained on first use; shared with
     test_packing_equivalence.py where it runs the same layout, with test_train_e2e.py, which checks
-    what the runs of DFT and DFT2 on one process write, and with
-    tests/convert/test_convert_dft_checkpoint.py, which exports two of them."""
+    what the runs of DFT and DFT2 on one process write, and with tests/convert's
+    test_convert_dft_checkpoint.py and test_convert_lora.py, which export three of them."""
     tp, pp, dp, mb = LAYOUTS[name]
     return shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
 
