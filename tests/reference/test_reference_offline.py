@@ -109,24 +109,30 @@ def test_parallel_layouts_score_alike(setup, layout, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_offline_training_matches_frozen_reference(setup):
-    root = setup["root"]
-    init = f"model.init_from={setup['init']}"
-    ok(script("train_dft.py", f"run.dir={root / 'frozen'}", *TRAIN, init))
-    ok(script("train_dft.py", f"run.dir={root / 'offline'}", *TRAIN, init, "dft.reference=offline",
-              f"dft.ref_logps={setup['tp1']}"))
-    # the offline file also serves pipeline parallelism, which the frozen reference does not
-    ok(script("train_dft.py", f"run.dir={root / 'offline_pp2'}", *TRAIN, init, "dft.reference=offline",
-              f"dft.ref_logps={setup['tp1']}", "trainer.devices=2", "model.pipeline_model_parallel_size=2", nproc=2))
-    frozen = metrics(root / "frozen")
-    assert len(frozen) == 4
-    for run in ("offline", "offline_pp2"):
-        offline = metrics(root / run)
+def test_offline_training_matches_frozen_reference(shared_runs, initial_checkpoint, initial_reference_scores):
+    """Training with the file gives the frozen on-the-fly reference's losses, u, weights, scores and
+    grad norms (1e-5).  The frozen run is test_parallel_layouts.py's frozen_tp1_pp1_dp1_mb4 (3 steps of 8
+    prompts from the shared initial checkpoint); the offline runs take its settings and the initial
+    checkpoint's one-epoch file (tests/conftest.py), each made once per session."""
+    from tests.training.test_parallel_layouts import EXTRA, FROZEN, layout_overrides, layout_run
+
+    frozen_run = layout_run(shared_runs, initial_checkpoint, "frozen_tp1_pp1_dp1_mb4")
+    assert EXTRA["frozen_tp1_pp1_dp1_mb4"] == FROZEN and "dft.reference=frozen" in FROZEN
+    # the frozen run's settings but for the reference
+    with_file = [*(x.replace("dft.reference=frozen", "dft.reference=offline") for x in FROZEN),
+                 f"dft.ref_logps={initial_reference_scores}"]
+    runs = {"offline": shared_runs.get(1, *layout_overrides(1, 1, 1, 4, initial_checkpoint, *with_file)),
+            # the offline file also serves pipeline parallelism
+            "offline_pp2": shared_runs.get(2, *layout_overrides(1, 2, 1, 4, initial_checkpoint, *with_file))}
+    frozen = metrics(frozen_run)
+    assert len(frozen) == 3 and (frozen_run / "reference").exists()
+    for run, run_dir in runs.items():
+        offline = metrics(run_dir)
         for key in ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "grad_norm"):
             torch.testing.assert_close(torch.tensor([m[key] for m in offline]),
                                        torch.tensor([m[key] for m in frozen]), rtol=1e-5, atol=1e-5,
                                        msg=f"{run}: {key}")
-        assert not (root / run / "reference").exists()  # no frozen copy was made
+        assert not (run_dir / "reference").exists()  # no frozen copy was made
 
 
 def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path):
