@@ -1,5 +1,5 @@
 """Shared test helpers: launching training children, and the runs that several test files share
-(made once per session: the initial checkpoint, its offline reference scores, the layout runs)."""
+(made once per session: the initial run and checkpoint, its offline reference scores, the layout runs)."""
 
 from __future__ import annotations
 
@@ -134,21 +134,44 @@ class SharedRuns:
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> SharedRuns:
     """Training runs shared between test files: a run with the same process count and overrides
-    is made once per session (the layout and packing comparisons, the TP = 1 and TP = 2 exports)."""
+    is made once per session (the initial run, the layout and packing comparisons, the exports of
+    tests/convert, the end-to-end checks, training with the offline reference file)."""
     return SharedRuns(tmp_path_factory.mktemp("shared_runs"))
 
 
 @pytest.fixture(scope="session")
-def initial_checkpoint(shared_runs: SharedRuns) -> Path:
-    """The untrained tiny model as a training checkpoint (``optim.lr=0``, one step), made once per
-    session: the ``model.init_from`` of every test that starts from the initial weights.
+def initial_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/training/test_heldout_eval.py's held-out file (13 rows, 5 rigged to score 0), which
+    ``initial_run`` evaluates."""
+    from tests.training.test_heldout_eval import write_heldout
+
+    path = tmp_path_factory.mktemp("initial_heldout") / "heldout.jsonl"
+    write_heldout(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def initial_run(shared_runs: SharedRuns, initial_heldout: Path) -> Path:
+    """One step of the untrained tiny model at ``optim.lr=0`` (test_parallel_layouts.py's settings), made
+    once per session: its checkpoint is ``initial_checkpoint``.  It also evaluates ``initial_heldout``
+    before and after its step at micro-batch 8, which test_heldout_eval.py checks (its "mb8" case)."""
+    from tests.training.test_parallel_layouts import INIT
+
+    return shared_runs.get(1, *INIT, f"data.eval_path={initial_heldout}", "model.micro_batch_size=8",
+                           "trainer.val_check_interval=1")
+
+
+@pytest.fixture(scope="session")
+def initial_checkpoint(initial_run: Path) -> Path:
+    """The untrained tiny model as a training checkpoint (``initial_run``'s), made once per session:
+    the ``model.init_from`` of every test that starts from the initial weights.
 
     ``model.init_from`` restores the weights only (no optimizer state, u table or generators), and
     at lr = 0 they are the random initialization of ``run.seed`` whatever the objective, so one
     such checkpoint serves tests that each trained their own with other settings."""
-    from tests.training.test_parallel_layouts import INIT, last_checkpoint
+    from tests.training.test_parallel_layouts import last_checkpoint
 
-    return last_checkpoint(shared_runs.get(1, *INIT)).parent
+    return last_checkpoint(initial_run).parent
 
 
 @pytest.fixture(scope="session")
