@@ -1,4 +1,5 @@
-"""Shared test helpers: launching multi-process workers once per module."""
+"""Shared test helpers: launching training children, and the runs that several test files share
+(made once per session: the initial run and checkpoint, its offline reference scores, the layout runs)."""
 
 from __future__ import annotations
 
@@ -180,3 +181,78 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory):
         return cache[arch]
 
     return get
+
+
+class SharedRuns:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[tuple, Path] = {}
+        self.stdout: dict[Path, str] = {}  # what each run printed
+
+    def get(self, nproc: int, *overrides: str) -> Path:
+        """The run directory of ``scripts/train_dft.py`` with the layout tests' common settings
+        (tests/training/test_parallel_layouts.py) and ``overrides`` on ``nproc`` processes, trained
+        on first use."""
+        from tests.training.test_parallel_layouts import launch
+
+        key = (nproc, overrides)
+        if key not in self.done:
+            run_dir = self.root / f"run{len(self.done)}"
+            self.stdout[run_dir] = launch(run_dir, nproc, *overrides).stdout
+            self.done[key] = run_dir
+        return self.done[key]
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> SharedRuns:
+    """Training runs shared between test files: a run with the same process count and overrides
+    is made once per session (the initial run, the layout and packing comparisons, the exports of
+    tests/convert, the end-to-end checks, training with the offline reference file)."""
+    return SharedRuns(tmp_path_factory.mktemp("shared_runs"))
+
+
+@pytest.fixture(scope="session")
+def initial_heldout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/training/test_heldout_eval.py's held-out file (13 rows, 5 rigged to score 0), which
+    ``initial_run`` evaluates."""
+    from tests.training.test_heldout_eval import write_heldout
+
+    path = tmp_path_factory.mktemp("initial_heldout") / "heldout.jsonl"
+    write_heldout(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def initial_run(shared_runs: SharedRuns, initial_heldout: Path) -> Path:
+    """One step of the untrained tiny model at ``optim.lr=0`` (test_parallel_layouts.py's settings), made
+    once per session: its checkpoint is ``initial_checkpoint``.  It also evaluates ``initial_heldout``
+    before and after its step at micro-batch 8, which test_heldout_eval.py checks (its "mb8" case)."""
+    from tests.training.test_parallel_layouts import INIT
+
+    return shared_runs.get(1, *INIT, f"data.eval_path={initial_heldout}", "model.micro_batch_size=8",
+                           "trainer.val_check_interval=1")
+
+
+@pytest.fixture(scope="session")
+def initial_checkpoint(initial_run: Path) -> Path:
+    """The untrained tiny model as a training checkpoint (``initial_run``'s), made once per session:
+    the ``model.init_from`` of every test that starts from the initial weights.
+
+    ``model.init_from`` restores the weights only (no optimizer state, u table or generators), and
+    at lr = 0 they are the random initialization of ``run.seed`` whatever the objective, so one
+    such checkpoint serves tests that each trained their own with other settings."""
+    from tests.training.test_parallel_layouts import last_checkpoint
+
+    return last_checkpoint(initial_run).parent
+
+
+@pytest.fixture(scope="session")
+def initial_reference_scores(initial_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``scripts/precompute_ref_logps.py`` from ``initial_checkpoint`` over the tiny task's training
+    file for one epoch (the default batch sizes), made once per session.  Read it only: copy it to
+    change it."""
+    scores = tmp_path_factory.mktemp("initial_reference_scores") / "ref.parquet"
+    scored = run_child(script_command("scripts/precompute_ref_logps.py", f"model.init_from={initial_checkpoint}",
+                                      "data.num_epochs=1", "data.eval_path=null", f"output={scores}"))
+    assert scored.returncode == 0, f"{scored.stdout[-3000:]}\n{scored.stderr[-4000:]}"
+    return scores

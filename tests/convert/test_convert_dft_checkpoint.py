@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
-
-from tests.conftest import REPO, script_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
-
-def train_checkpoint(run_dir: Path, tp: int) -> Path:
-    command = script_command("scripts/train_dft.py", f"run.dir={run_dir}", "trainer.progress_bar=false",
-                             "trainer.max_steps=2", "model.global_batch_size=8", "data.eval_path=null",
-                             f"trainer.devices={tp}", f"model.tensor_model_parallel_size={tp}", nproc=tp)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=subprocess_env())
-    assert result.returncode == 0, result.stderr[-6000:]
-    [last] = sorted((run_dir / "checkpoints").glob("*-last"))
-    return last
+# The runs of tests/training/test_parallel_layouts.py (3 steps from the shared initial checkpoint),
+# trained once per session for both files: DFT with its frozen reference (the default objective) on
+# one process, and DFT2 at TP = 2.
+TRAINED = {1: "frozen_tp1_pp1_dp1_mb4", 2: "tp2_pp1_dp1_mb4"}
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_dft_checkpoint_exports_to_hf_with_matching_logits(tmp_path, tp):
+def test_dft_checkpoint_exports_to_hf_with_matching_logits(shared_runs, initial_checkpoint, tmp_path, tp):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from nemo_dft.convert import export_hf, verify
     from nemo_dft.data.io import umask
     from nemo_dft.demo.tiny_model import tiny_hf_model_dir
+    from tests.training.test_parallel_layouts import LAYOUTS, last_checkpoint, layout_run
 
-    checkpoint = train_checkpoint(tmp_path / "run", tp)
+    assert LAYOUTS[TRAINED[tp]][0] == tp
+    checkpoint = last_checkpoint(layout_run(shared_runs, initial_checkpoint, TRAINED[tp])).parent
     hf_dir = export_hf(checkpoint, tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     assert model.config.model_type == "mistral" and model.config.num_hidden_layers == 2

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -46,11 +45,9 @@ def read_scores(path: Path) -> dict[tuple[str, int, str], float]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, initial_checkpoint):
     root = tmp_path_factory.mktemp("reference")
-    init_run = root / "init"
-    ok(script("train_dft.py", f"run.dir={init_run}", *COMMON, "trainer.max_steps=1", "optim.lr=0", "optim.min_lr=0"))
-    [init] = sorted((init_run / "checkpoints").glob("*-last"))
+    init = initial_checkpoint  # the untrained model (lr = 0), shared with other files (tests/conftest.py)
     scored = root / "tp1.parquet"
     ok(script("precompute_ref_logps.py", f"model.init_from={init}", *COMMON, f"output={scored}",
               "model.micro_batch_size=8"))
@@ -61,13 +58,14 @@ def test_scores_match_an_hf_forward_pass(setup):
     """Independent check: export the reference checkpoint to HF and score groups with transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nemo_dft.convert import export_hf
     from nemo_dft.data.dataset import DFTGroupDataset, GroupSettings
     from nemo_dft.data.io import read_rows
     from nemo_dft.data.rows import POSITIVE_COLUMN, negative_column
     from nemo_dft.reference.store import encode_id
 
-    hf_dir = setup["root"] / "hf"
-    ok([sys.executable, "scripts/convert_hf.py", "export", "--nemo", str(setup["init"]), "--out", str(hf_dir)])
+    # in this process: scripts/convert_hf.py export is tested as a command in tests/convert/test_convert_cli.py
+    hf_dir = export_hf(setup["init"], setup["root"] / "hf")
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     settings = GroupSettings(num_negatives=2, max_length=64, max_prompt_length=32, num_epochs=2, shuffle=False)
@@ -111,48 +109,72 @@ def test_parallel_layouts_score_alike(setup, layout, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_offline_training_matches_frozen_reference(setup):
-    root = setup["root"]
-    init = f"model.init_from={setup['init']}"
-    ok(script("train_dft.py", f"run.dir={root / 'frozen'}", *TRAIN, init))
-    ok(script("train_dft.py", f"run.dir={root / 'offline'}", *TRAIN, init, "dft.reference=offline",
-              f"dft.ref_logps={setup['tp1']}"))
-    # the offline file also serves pipeline parallelism, which the frozen reference does not
-    ok(script("train_dft.py", f"run.dir={root / 'offline_pp2'}", *TRAIN, init, "dft.reference=offline",
-              f"dft.ref_logps={setup['tp1']}", "trainer.devices=2", "model.pipeline_model_parallel_size=2", nproc=2))
-    frozen = metrics(root / "frozen")
-    assert len(frozen) == 4
-    for run in ("offline", "offline_pp2"):
-        offline = metrics(root / run)
+def test_offline_training_matches_frozen_reference(shared_runs, initial_checkpoint, initial_reference_scores):
+    """Training with the file gives the frozen on-the-fly reference's losses, u, weights, scores and
+    grad norms (1e-5).  The frozen run is test_parallel_layouts.py's frozen_tp1_pp1_dp1_mb4 (3 steps of 8
+    prompts from the shared initial checkpoint); the offline runs take its settings and the initial
+    checkpoint's one-epoch file (tests/conftest.py), each made once per session."""
+    from tests.training.test_parallel_layouts import EXTRA, FROZEN, layout_overrides, layout_run
+
+    frozen_run = layout_run(shared_runs, initial_checkpoint, "frozen_tp1_pp1_dp1_mb4")
+    assert EXTRA["frozen_tp1_pp1_dp1_mb4"] == FROZEN and "dft.reference=frozen" in FROZEN
+    # the frozen run's settings but for the reference
+    with_file = [*(x.replace("dft.reference=frozen", "dft.reference=offline") for x in FROZEN),
+                 f"dft.ref_logps={initial_reference_scores}"]
+    runs = {"offline": shared_runs.get(1, *layout_overrides(1, 1, 1, 4, initial_checkpoint, *with_file)),
+            # the offline file also serves pipeline parallelism
+            "offline_pp2": shared_runs.get(2, *layout_overrides(1, 2, 1, 4, initial_checkpoint, *with_file))}
+    frozen = metrics(frozen_run)
+    assert len(frozen) == 3 and (frozen_run / "reference").exists()
+    for run, run_dir in runs.items():
+        offline = metrics(run_dir)
         for key in ("loss", "u_mean", "weight_mean", "pos_logps", "neg_logps", "grad_norm"):
             torch.testing.assert_close(torch.tensor([m[key] for m in offline]),
                                        torch.tensor([m[key] for m in frozen]), rtol=1e-5, atol=1e-5,
                                        msg=f"{run}: {key}")
-        assert not (root / run / "reference").exists()  # no frozen copy was made
+        assert not (run_dir / "reference").exists()  # no frozen copy was made
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "preempted"])
-def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path, stop):
-    """Killed, or stopped by the scheduler's signal (exit 75, shards flushed): the rerun completes
-    the same file."""
+def test_interrupted_pass_resumes_into_the_same_file(setup, tmp_path):
+    """Killed, then its rerun stopped by the scheduler's signal (exit 75, shards flushed): each rerun
+    resumes from the shards of the attempts before it, and the last one completes the same file.
+    (One chain of three starts instead of a kill and a stop of fresh passes, each rerun to the end.)"""
+    import pyarrow.parquet as pq
+
     output = tmp_path / "resumed.parquet"
     command = script("precompute_ref_logps.py", f"model.init_from={setup['init']}", *COMMON, f"output={output}",
                      "model.micro_batch_size=8", "groups_per_shard=64")
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True, env=subprocess_env())
     partial = output.with_name(output.name + ".partial")
-    deadline = time.time() + 600
-    while not (partial.is_dir() and list(partial.glob("shard-*.parquet"))):
-        assert process.poll() is None, "the pass ended before its first shard"
-        assert time.time() < deadline, "no shard appeared"
-        time.sleep(0.05)
-    os.killpg(process.pid, stop)
-    code = process.wait(timeout=300)
-    assert code == (75 if stop == signal.SIGTERM else -signal.SIGKILL)
+
+    def shards() -> set[str]:
+        return {p.name for p in partial.glob("shard-*.parquet")} if partial.is_dir() else set()
+
+    def groups_in(names: set[str]) -> int:
+        return len({(r["id"], r["epoch"]) for name in names for r in pq.read_table(partial / name).to_pylist()})
+
+    def stop_after_a_new_shard(stop: signal.Signals, before: set[str]) -> int:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True, env=subprocess_env())
+        deadline = time.time() + 600
+        while not shards() - before:
+            assert process.poll() is None, "the pass ended before its first shard"
+            assert time.time() < deadline, "no shard appeared"
+            time.sleep(0.05)
+        os.killpg(process.pid, stop)
+        return process.wait(timeout=300)
+
+    assert stop_after_a_new_shard(signal.SIGKILL, set()) == -signal.SIGKILL
     assert not output.exists()
+    killed = shards()
+    assert stop_after_a_new_shard(signal.SIGTERM, killed) == 75  # preempted
+    assert not output.exists()
+    stopped = shards()
+    assert killed < stopped  # the killed attempt's shards are kept, the preempted one's added
+    resumed = groups_in(stopped)
+    assert groups_in(killed) < resumed < 1024
     result = ok(command)
     summary = json.loads(result.stdout.split("reference log-probs: ", 1)[1])
-    assert summary["resumed_groups"] > 0 and summary["scored_groups"] < 1024
+    assert summary["resumed_groups"] == resumed and summary["scored_groups"] == 1024 - resumed
     assert read_scores(output) == read_scores(setup["tp1"])  # bit for bit
     assert not partial.exists()
 

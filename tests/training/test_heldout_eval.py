@@ -79,14 +79,14 @@ def hf_share(checkpoint: Path, heldout: Path, out: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, initial_heldout, initial_run, initial_checkpoint):
     root = tmp_path_factory.mktemp("heldout")
-    heldout = root / "heldout.jsonl"
-    write_heldout(heldout)
+    heldout = initial_heldout  # write_heldout's rows
     data = f"data.eval_path={heldout}"
-    # lr = 0: the initial weights, evaluated before and after its one step at micro-batch 8
-    launch(root / "mb8", data, "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1", "model.micro_batch_size=8")
-    init = last_checkpoint(root / "mb8")
+    # lr = 0: the initial weights, evaluated before and after its one step at micro-batch 8: the shared
+    # initial run (tests/conftest.py: DFT2 with these tau and gamma, checkpoints every step)
+    (root / "mb8").symlink_to(initial_run, target_is_directory=True)
+    init = initial_checkpoint
     for name, (mb, dp, pp) in LAYOUTS.items():
         launch(root / name, data, f"model.init_from={init}", "trainer.max_steps=1", f"model.micro_batch_size={mb}",
                f"trainer.devices={dp * pp}", f"model.pipeline_model_parallel_size={pp}", nproc=dp * pp)

@@ -54,10 +54,9 @@ def full_state(weights: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, initial_checkpoint):
     root = tmp_path_factory.mktemp("lora")
-    launch(root / "base", "optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
-    base = last_checkpoint(root / "base")
+    base = initial_checkpoint  # the untrained model (lr = 0), shared with other files (tests/conftest.py)
     steps = ["trainer.max_steps=3", f"model.init_from={base}"]
     every_step = "checkpoint.every_n_steps=1"
     return {

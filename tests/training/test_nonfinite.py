@@ -21,8 +21,8 @@ COMMON = ["trainer.progress_bar=false", "data.num_epochs=1", "data.eval_path=nul
 BAD_POSITION = 13  # the example trained at step 2 (positions 8..15), in the second micro-batch (12..15)
 
 
-def run(*args: str, script: str = "train_dft.py") -> subprocess.CompletedProcess:
-    return run_child(script_command(f"scripts/{script}", *COMMON, *args))
+def run(*args: str) -> subprocess.CompletedProcess:
+    return run_child(script_command("scripts/train_dft.py", *COMMON, *args))
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -71,15 +71,14 @@ def weights_finite(checkpoint: Path, out: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, initial_checkpoint, initial_reference_scores):
     root = tmp_path_factory.mktemp("nonfinite")
-    ok(run(f"run.dir={root / 'init'}", "trainer.max_steps=1", "optim.lr=0", "optim.min_lr=0"))
-    [init] = sorted((root / "init" / "checkpoints").glob("*-last"))
-    scores = root / "ref.parquet"
-    ok(run(f"model.init_from={init}", f"output={scores}", script="precompute_ref_logps.py"))
+    # the untrained model and its reference scores for one epoch at these batch sizes (COMMON's),
+    # shared with other files (tests/conftest.py); the poisoned copy is this module's own
+    init = initial_checkpoint
     order = order_of_epoch_0()
     poisoned = root / "poisoned.parquet"
-    poison(scores, poisoned, order[BAD_POSITION])
+    poison(initial_reference_scores, poisoned, order[BAD_POSITION])
     args = [f"model.init_from={init}", "dft.reference=offline", f"dft.ref_logps={poisoned}", "trainer.max_steps=3",
             "checkpoint.every_n_steps=1"]
     return {"root": root, "args": args, "micro_batch": order[12:16]}

@@ -25,9 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_child, script_command
+from tests.conftest import REPO
 from tests.training.test_parallel_layouts import (
-    INIT,
     assert_same_training,
     full_parameters,
     last_checkpoint,
@@ -70,13 +69,10 @@ def training_result(run_dir: Path, out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def packed_runs(tmp_path_factory, shared_runs):
+def packed_runs(tmp_path_factory, shared_runs, initial_checkpoint, initial_reference_scores):
     root = tmp_path_factory.mktemp("packing")
-    init_ckpt = last_checkpoint(shared_runs.get(1, *INIT)).parent  # test_parallel_layouts.py's
-    scores = root / "ref.parquet"
-    scored = run_child(script_command("scripts/precompute_ref_logps.py", f"model.init_from={init_ckpt}",
-                                      "data.num_epochs=1", "data.eval_path=null", f"output={scores}"))
-    assert scored.returncode == 0, scored.stderr[-4000:]
+    init_ckpt = initial_checkpoint  # test_parallel_layouts.py's (tests/conftest.py)
+    scores = initial_reference_scores  # its offline reference file (one epoch), shared with test_nonfinite.py
     results = {}
     for objective, objective_args in OBJECTIVES.items():
         extra = [*objective_args, f"dft.ref_logps={scores}"] if objective == "offline" else objective_args

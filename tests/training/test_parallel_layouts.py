@@ -30,6 +30,7 @@ s̄/tau, a relative tolerance on it is the scores' own, and it stays relative.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -92,9 +93,10 @@ SFT_LAYOUTS = [n for n in LAYOUTS if n.startswith("sft_tp")]
 METRICS = ("loss", "pos_logps", "neg_logps", "u_mean", "weight_mean", "rank_acc", "grad_norm")
 
 
-def launch(run_dir: Path, nproc: int, *overrides: str) -> None:
+def launch(run_dir: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
     result = run_child(script_command("scripts/train_dft.py", f"run.dir={run_dir}", *COMMON, *overrides, nproc=nproc))
     assert result.returncode == 0, f"{run_dir.name}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -110,7 +112,8 @@ def full_parameters(weights: Path, out: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("module.") and torch.is_tensor(v)}
 
 
-INIT = ("optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")  # the initial checkpoint every run starts from
+# the initial checkpoint every run starts from (tests/conftest.py's initial_checkpoint, shared with other files)
+INIT = ("optim.lr=0", "optim.min_lr=0", "trainer.max_steps=1")
 
 
 def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra: str) -> tuple[str, ...]:
@@ -119,15 +122,22 @@ def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra
             f"model.init_from={init_ckpt}", *extra)
 
 
+def layout_run(shared_runs, init_ckpt: Path, name: str) -> Path:
+    """The run directory of ``LAYOUTS[name]``, trained on first use; shared with
+    test_packing_equivalence.py where it runs the same layout, with test_train_e2e.py, which checks
+    what the runs of DFT and DFT2 on one process write, and with tests/convert's
+    test_convert_dft_checkpoint.py and test_convert_lora.py, which export three of them."""
+    tp, pp, dp, mb = LAYOUTS[name]
+    return shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shared_runs):
+def runs(tmp_path_factory, shared_runs, initial_checkpoint):
     root = tmp_path_factory.mktemp("layouts")
-    init = shared_runs.get(1, *INIT)
-    init_ckpt = last_checkpoint(init).parent
+    init_ckpt = initial_checkpoint
     results = {}
-    for name, (tp, pp, dp, mb) in LAYOUTS.items():
-        # shared with test_packing_equivalence.py where it runs the same layout
-        run_dir = shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
+    for name in LAYOUTS:
+        run_dir = layout_run(shared_runs, init_ckpt, name)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         weights = last_checkpoint(run_dir)
         results[name] = {
@@ -137,7 +147,7 @@ def runs(tmp_path_factory, shared_runs):
             "memory": json.loads((run_dir / "memory.json").read_text()),
             "checkpoint": weights.parent,
         }
-    results["init"] = {"params": full_parameters(last_checkpoint(init), root / "init.pt")}
+    results["init"] = {"params": full_parameters(init_ckpt / "weights", root / "init.pt")}
     return results
 
 

@@ -114,24 +114,6 @@ def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
     assert torch.equal(final_u(run_dir), final_u(reference_dir))
 
 
-def test_half_written_checkpoint_is_skipped(uninterrupted, tmp_path):
-    run_dir = tmp_path / "partial"
-    shutil.copytree(uninterrupted, run_dir)
-    [complete] = complete_last_checkpoints(run_dir)
-    partial = complete.with_name("step=99-last")
-    shutil.copytree(complete, partial)
-    (partial / "weights" / "metadata.json").unlink()  # the save died before writing its metadata
-    partial.with_name(partial.name + "-unfinished").touch()
-    for name in ("step=10", "step=10-last"):  # as if stopped after step 8 (a finished run would be a no-op)
-        shutil.rmtree(run_dir / "checkpoints" / name)
-    assert (run_dir / "checkpoints" / "step=8").is_dir()
-    run(run_dir)
-    steps = [m["step"] for m in metrics(run_dir)]
-    assert steps == list(range(1, 11))  # continued from step 8, not from scratch and not from step 99
-    assert_same_run(run_dir, uninterrupted)
-    assert not partial.exists()
-
-
 def data_parallel_command(run_dir: Path) -> list[str]:
     return script_command("scripts/train_dft.py", f"run.dir={run_dir}", *ARGS, "trainer.devices=2", nproc=2)
 
@@ -226,10 +208,35 @@ def checkpoints_by_step(run_dir: Path) -> dict[int, list[Path]]:
     return found
 
 
-@pytest.mark.parametrize("damage", ["truncated_distcp", "missing_common", "unfinished", "deleted"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, tmp_path, damage):
-    """The newest checkpoints (step 10) damaged: the rerun names the damaged file in one line, resumes
-    from step 8 and ends exactly like the uninterrupted run, with one step sequence in metrics.jsonl."""
+def damage_checkpoint(checkpoint: Path, damage: str) -> str | None:
+    """Damage ``checkpoint`` as a save that died (or a disk) would; the file that the warning names."""
+    if damage == "truncated_distcp":
+        shard = sorted((checkpoint / "weights").glob("*.distcp"))[-1]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        return shard.name
+    if damage == "missing_common":
+        (checkpoint / "weights" / "common.pt").unlink()
+        return "common.pt"
+    if damage == "unfinished":
+        checkpoint.with_name(checkpoint.name + "-unfinished").touch()
+        return "unfinished"
+    if damage == "half_written":  # the save died before writing its metadata
+        (checkpoint / "weights" / "metadata.json").unlink()
+        checkpoint.with_name(checkpoint.name + "-unfinished").touch()
+        return "unfinished"
+    assert damage == "deleted"
+    shutil.rmtree(checkpoint)
+    return None
+
+
+@pytest.mark.parametrize("damage", ["truncated_distcp", "missing_common", "unfinished", "half_written", "deleted"])
+def test_damaged_latest_checkpoint_is_named_moved_aside_and_passed_over(uninterrupted, tmp_path, damage, capsys):
+    """The newest checkpoints (step 10) damaged: the choice of a rerun names the damaged file in one
+    line, moves the checkpoint to run.dir/damaged/ and takes step 8.  (In this process; that a rerun
+    then ends exactly like the uninterrupted run, past every kind of damage at once, is
+    test_run_resumes_past_damaged_checkpoints_exactly.)"""
+    from nemo_dft.training.recovery import choose_resume_checkpoint
+
     run_dir = tmp_path / damage
     shutil.copytree(uninterrupted, run_dir)
     by_step = checkpoints_by_step(run_dir)
@@ -238,24 +245,42 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(uninterru
     for other in by_step[10]:
         if other != last:
             shutil.rmtree(other)
-    if damage == "truncated_distcp":
-        shard = sorted((last / "weights").glob("*.distcp"))[-1]
-        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-        named = shard.name
-    elif damage == "missing_common":
-        (last / "weights" / "common.pt").unlink()
-        named = "common.pt"
-    elif damage == "unfinished":
-        last.with_name(last.name + "-unfinished").touch()
-        named = "unfinished"
-    else:
-        shutil.rmtree(last)
-        named = None
-    result = run(run_dir)
+    named = damage_checkpoint(last, damage)
+    [step8] = by_step[8]
+    assert choose_resume_checkpoint(run_dir) == step8
+    lines = [x for x in capsys.readouterr().out.splitlines() if "cannot be resumed from" in x]
     if named:
-        [line] = [x for x in result.stdout.splitlines() if "cannot be resumed from" in x]
-        assert named in line and last.name in line, line
-        assert (run_dir / "damaged" / last.name).exists()  # moved aside, not deleted
+        [line] = lines
+        assert named in line and last.name in line and f"resuming from {step8.name} (step 8)" in line, line
+        assert (run_dir / "damaged" / last.name).exists() and not last.exists()  # moved aside, not deleted
+        assert not last.with_name(last.name + "-unfinished").exists()
+    else:
+        assert lines == []
+
+
+def test_run_resumes_past_damaged_checkpoints_exactly(uninterrupted, tmp_path):
+    """Every kind of damage at once, on checkpoints newer than step 8 (a truncated shard, a missing
+    common.pt, an -unfinished marker, and a save that died before its metadata, at step 99): the
+    rerun names each in one line, moves it aside, continues from step 8 (not from scratch, not from
+    step 99) and ends exactly like the uninterrupted run, with one step sequence in metrics.jsonl."""
+    run_dir = tmp_path / "damaged_run"
+    shutil.copytree(uninterrupted, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step=10", "step=10-last", "step=8"]
+    # two more complete copies of step 10's save, to damage as the newest ones
+    for name in ("step=12-last", "step=99-last"):
+        shutil.copytree(checkpoints / "step=10-last", checkpoints / name)
+    damages = {"step=10-last": "truncated_distcp", "step=10": "missing_common", "step=12-last": "unfinished",
+               "step=99-last": "half_written"}
+    named = {name: damage_checkpoint(checkpoints / name, damage) for name, damage in damages.items()}
+    result = run(run_dir)
+    lines = [x for x in result.stdout.splitlines() if "cannot be resumed from" in x]
+    assert len(lines) == len(damages), lines
+    for name, what in named.items():
+        [line] = [x for x in lines if f"checkpoints/{name} cannot" in x]
+        assert what in line and "resuming from step=8 (step 8)" in line, line
+        assert (run_dir / "damaged" / name).exists()  # moved aside, not deleted
+    assert not (checkpoints / "step=12-last").exists() and not (checkpoints / "step=99-last").exists()
     assert "Traceback" not in result.stderr
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, 11))
     assert_same_run(run_dir, uninterrupted)

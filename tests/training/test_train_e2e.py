@@ -30,21 +30,31 @@ def checkpoint_common_state(run_dir: Path) -> dict:
     return torch.load(last / "weights" / "common.pt", weights_only=False)
 
 
+# The single-process runs of DFT (its frozen reference, the default objective) and DFT2 of
+# test_parallel_layouts.py: 3 steps of 8 prompts, micro-batch 4, one epoch, from the shared initial
+# checkpoint (tests/conftest.py), made once per session for both files.
+VARIANTS = {"dft": "frozen_tp1_pp1_dp1_mb4", "dft2": "tp1_pp1_dp1_mb4"}
+
+
 @pytest.mark.parametrize("variant", ["dft", "dft2"])
-def test_training_script_writes_metrics_and_checkpoint(tmp_path, variant):
+def test_training_script_writes_metrics_and_checkpoint(shared_runs, initial_checkpoint, variant):
+    from tests.training.test_parallel_layouts import COMMON, EXTRA, FROZEN, LAYOUTS, layout_run
+
     steps, gbs = 3, 8
-    extra = ["dft.ref_free=true", "dft.tau=0.3", "dft.gamma=0.9"] if variant == "dft2" else []
-    result = train(tmp_path, f"trainer.max_steps={steps}", f"model.global_batch_size={gbs}",
-                   "model.micro_batch_size=4", "data.num_epochs=1", *extra)
-    assert result.returncode == 0, result.stderr[-6000:]
-    assert "DFT summary" in result.stdout
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # the settings the counts below rely on: 3 steps of 8 prompts, DFT2's or the default DFT's
+    assert LAYOUTS[VARIANTS[variant]] == (1, 1, 1, 4)
+    assert {"trainer.max_steps=3", "model.global_batch_size=8", "data.num_epochs=1", "dft.tau=0.3",
+            "dft.gamma=0.9"} <= set(COMMON)
+    assert "dft.ref_free=true" in COMMON and EXTRA.get(VARIANTS[variant]) == (FROZEN if variant == "dft" else None)
+    run_dir = layout_run(shared_runs, initial_checkpoint, VARIANTS[variant])
+    assert "DFT summary" in shared_runs.stdout[run_dir]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
         assert REQUIRED <= set(record)
         assert all(math.isfinite(record[k]) for k in REQUIRED)
         assert 0.0 <= record["rank_acc"] <= 1.0 and record["tokens_per_s"] > 0
-    common = checkpoint_common_state(tmp_path)
+    common = checkpoint_common_state(run_dir)
     u = common["dft_u_table"]["values"]
     assert u.numel() == 512
     # Each step trains gbs distinct examples of epoch 0 and only those entries leave u_init = 0.
@@ -54,7 +64,7 @@ def test_training_script_writes_metrics_and_checkpoint(tmp_path, variant):
     assert int((u != 0).sum()) == touched_steps * gbs
     if variant == "dft":
         assert records[0]["u_mean"] == 0.0 and records[0]["weight_mean"] == pytest.approx(1.0)
-    assert (tmp_path / "reference").exists() == (variant == "dft")
+    assert (run_dir / "reference").exists() == (variant == "dft")
 
 
 def test_invalid_config_fails_before_training(tmp_path):
