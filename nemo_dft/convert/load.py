@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from nemo_dft.convert.cpu import apply_cpu_model_overrides, on_cpu
+from nemo_dft.convert.cpu import apply_cpu_model_overrides, on_cpu, prepare_process
 from nemo_dft.convert.mapping import unwrap_module
 
 
@@ -24,7 +24,11 @@ def load_nemo_model(
     """The checkpoint's model (its own ``GPTModel`` subclass) with weights, and its trainer.
 
     Pass both to ``nemo.lightning.teardown`` when done.  ``dtype`` casts the weights after loading.
+    On a machine without a GPU the CPU shim is enabled first (a caller that had not enabled it got
+    megatron's "torch.cuda.Stream requires CUDA support" from the strategy's set-up).
     """
+    if not on_gpu:
+        prepare_process()
     from nemo import lightning as nl
     from nemo.lightning import _strategy_lib, io
 
