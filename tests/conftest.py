@@ -86,6 +86,20 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail(f"{err} (make env installs it)")
 
 
+@pytest.fixture(scope="session")
+def smollm2_nemo(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """SmolLM2 imported into NeMo once per session with ``convert_hf.py import --verify --atol 1e-4``
+    (about 41 s on 2 cores): ``{"path": the checkpoint, "result": the finished process}``.
+    tests/convert/test_convert_smollm2.py checks the import; the real-model tests train and export from it."""
+    nemo = tmp_path_factory.mktemp("smollm2-nemo") / "nemo"
+    command = script_command(REPO / "scripts" / "convert_hf.py", "import", "--hf", str(smollm2_dir), "--out",
+                             str(nemo), "--verify", "--atol", "1e-4")
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    if done.returncode != 0:
+        pytest.fail(f"convert_hf.py import failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return {"path": nemo, "result": done}
+
+
 def kill_process_tree(process: subprocess.Popen) -> None:
     """SIGKILL ``process`` (started with ``start_new_session=True``) and every process below it, and
     wait until all are gone.  torchrun's workers are not all in its process group, so ``killpg``

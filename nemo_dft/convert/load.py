@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from nemo_dft.convert.cpu import apply_cpu_model_overrides, on_cpu
+from nemo_dft.convert.cpu import apply_cpu_model_overrides, on_cpu, prepare_process
 from nemo_dft.convert.mapping import unwrap_module
 
 
@@ -26,7 +26,11 @@ def load_nemo_model(
     Pass both to ``nemo.lightning.teardown`` when done.  ``dtype`` casts the weights after loading.
     An adapter-only LoRA checkpoint (``peft.checkpoint=adapters``) takes its base weights from the
     ``model.init_from`` it recorded, after checking that that is still the base it was trained on.
+    On a machine without a GPU the CPU shim is enabled first (a caller that had not enabled it got
+    megatron's "torch.cuda.Stream requires CUDA support" from the strategy's set-up).
     """
+    if not on_gpu:
+        prepare_process()
     base = adapter_checkpoint_base(nemo_dir)
     from nemo import lightning as nl
     from nemo.lightning import _strategy_lib, io
