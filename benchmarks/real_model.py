@@ -249,6 +249,7 @@ class RealModelBenchmark:
                                "rank_acc_sum": summary.get("rank_acc_sum"), "format_share": summary["format_share"],
                                "mean_pos_logp_per_token": summary.get("mean_pos_logp_per_token"),
                                "validation_accuracy": lr_choice["validation_accuracy"][method],
+                               "negatives_correct_share": quality["finetune"]["number_correct_share"],
                                "settings": " ".join(METHODS[method]),
                                "trajectory": trajectory(last.parent.parent / "metrics.jsonl", points=8)}
         results = {
