@@ -33,6 +33,8 @@ TEMPLATES = {
                             ("run.dir=/runs/dft-mistral",)),
     "dft2_mistral": Template(REPO / "slurm/dft2_mistral.sh", "scripts/train_dft.py", "conf/dft2_mistral.yaml",
                              ("run.dir=/runs/dft2-mistral",)),
+    "dft_mistral_lora": Template(REPO / "slurm/dft_mistral_lora.sh", "scripts/train_dft.py",
+                                 "conf/dft_mistral_lora.yaml", ("run.dir=/runs/dft-mistral-lora",)),
     "precompute_ref": Template(REPO / "slurm/precompute_ref.sh", "scripts/precompute_ref_logps.py",
                                "conf/dft_mistral.yaml", ("output=/runs/ref-logps/dft-mistral.parquet",)),
 }  # fmt: skip
@@ -265,7 +267,7 @@ def test_sigterm_to_the_batch_shell_waits_for_the_tasks(stub_dir: Path) -> None:
     assert collect(stub_dir, 0, "").scontrol_calls[-1] == "requeue 4242"
 
 
-@pytest.mark.parametrize("name", ["dft_mistral", "dft2_mistral"])
+@pytest.mark.parametrize("name", ["dft_mistral", "dft2_mistral", "dft_mistral_lora"])
 def test_recipe_paths_lie_in_the_mounts(name: str, stub_dir: Path) -> None:
     """The recipe's container paths are under the template's default mount points."""
     run = run_template(name, stub_dir)
