@@ -258,9 +258,9 @@ def run_once(variant: str, data: Path, root: Path, steps: int, scale: float, sma
     else:
         run_dir = root / f"{variant}-{index}"
         rss = root / f"{variant}-{index}.rss.json"
-        from tests.conftest import free_port  # noqa: PLC0415 (a port free on IPv4 and IPv6 alike)
+        from benchmarks.dft_vs_sft import _free_port  # a port free on IPv4 and IPv6 alike
 
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         command = [sys.executable, __file__, "--trainer-child", str(rss), "--",
                    *trainer_args(variant, data, run_dir, steps, scale, small)]
         log = root / f"{variant}-{index}.log"
