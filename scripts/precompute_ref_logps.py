@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
         if not cfg.model.init_from:
             raise ConfigError("model.init_from: the checkpoint whose weights are the reference must be set")
-        from nemo_dft.training.adapter_checkpoint import refuse_adapter_only_init_from
+        from nemo_dft.modeling.adapter_checkpoint import refuse_adapter_only_init_from
 
         refuse_adapter_only_init_from(cfg.model.init_from)  # it has no weights of its own to score with
         groups_per_shard = int(extra.get("groups_per_shard", 1024))

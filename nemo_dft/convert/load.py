@@ -65,7 +65,7 @@ def adapter_checkpoint_base(nemo_dir: str | Path) -> Path | None:
     """The checked base of an adapter-only checkpoint (None for one that holds every weight)."""
     from nemo_dft.config.loading import ConfigError
     from nemo_dft.convert.errors import ConfigMismatchError
-    from nemo_dft.training.adapter_checkpoint import check_recorded_base
+    from nemo_dft.modeling.adapter_checkpoint import check_recorded_base
 
     try:
         return check_recorded_base(nemo_dir)
@@ -79,7 +79,7 @@ def _base_from(io: Any, base: Path | None):
     if base is None:
         yield
         return
-    from nemo_dft.training.adapter_checkpoint import load_adapters_and_base
+    from nemo_dft.modeling.adapter_checkpoint import load_adapters_and_base
 
     load = io.load_checkpoint
     io.load_checkpoint = lambda path, sharded_state_dict=None, **kwargs: load_adapters_and_base(

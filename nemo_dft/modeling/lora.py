@@ -6,7 +6,7 @@ NeMo's transform wraps each targeted linear layer (``linear_qkv``, ``linear_proj
 whose output is ``W x + (alpha / dim) * B A x``.  It is applied here when the model is built, so
 the optimizer and the gradient buffers see only the adapters; checkpoints carry the adapters alone
 (``peft.checkpoint=adapters``, the base reloaded from ``model.init_from``, see
-:mod:`nemo_dft.training.adapter_checkpoint`) or with the frozen base weights (``full``).
+:mod:`nemo_dft.modeling.adapter_checkpoint`) or with the frozen base weights (``full``).
 
 With the adapters switched off (:func:`adapters_disabled`) the module computes exactly the base
 model: each wrapper returns its wrapped layer's output untouched.  Reference-based DFT scores its

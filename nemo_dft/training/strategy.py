@@ -74,7 +74,7 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
         checkpoint[rng_state.RNG_KEY] = rng_state.sharded_rng_state(rng_state.capture())
         checkpoint[rng_state.LAYOUT_KEY] = list(rng_state.current_layout())
         if self.adapter_base is not None:  # NeMo's PEFT filtering (WrappedAdapterIO), see adapter_checkpoint
-            from nemo_dft.training.adapter_checkpoint import BASE_KEY, is_adapter_key
+            from nemo_dft.modeling.adapter_checkpoint import BASE_KEY, is_adapter_key
 
             state = self.megatron_parallel.sharded_state_dict()
             checkpoint["sharded_state_dict"] = {k: v for k, v in state.items() if is_adapter_key(k)}
@@ -98,7 +98,7 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
                 sharded_state_dict[rng_state.RNG_KEY] = rng_state.sharded_rng_state()
             if base is None:
                 return load(path, sharded_state_dict=sharded_state_dict, **kwargs)
-            from nemo_dft.training.adapter_checkpoint import load_adapters_and_base
+            from nemo_dft.modeling.adapter_checkpoint import load_adapters_and_base
 
             return load_adapters_and_base(load, path, base, sharded_state_dict, **kwargs)
 
@@ -113,7 +113,7 @@ class DFTMegatronStrategy(nl.MegatronStrategy):
     def _adapter_checkpoint_base(self, checkpoint_path) -> Path | None:
         """The base to load with an adapter-only checkpoint (the run's ``model.init_from``, checked
         against the checkpoint's record before NeMo started), or None for a full checkpoint."""
-        from nemo_dft.training.adapter_checkpoint import check_recorded_base
+        from nemo_dft.modeling.adapter_checkpoint import check_recorded_base
 
         init_from = self.adapter_base["init_from"] if self.adapter_base else None
         return check_recorded_base(checkpoint_path, init_from)

@@ -113,7 +113,7 @@ def check_adapter_checkpoints(cfg: DictConfig, resume_from: Path | None) -> dict
     """The base record of ``peft.checkpoint=adapters`` (None when checkpoints hold every weight),
     after checking that ``model.init_from`` has base weights and, on a resume from an adapter-only
     checkpoint, that it still holds the base that checkpoint was saved against."""
-    from nemo_dft.training.adapter_checkpoint import adapter_record, check_recorded_base, refuse_adapter_only_init_from
+    from nemo_dft.modeling.adapter_checkpoint import adapter_record, check_recorded_base, refuse_adapter_only_init_from
 
     refuse_adapter_only_init_from(cfg.model.init_from)
     if resume_from is not None:

@@ -95,7 +95,7 @@ def test_exports_of_adapter_only_and_full_checkpoints_are_equal(exported, tmp_pa
 
     from nemo_dft.convert import export_hf
     from nemo_dft.convert.peft_export import export_adapter
-    from nemo_dft.training.adapter_checkpoint import recorded_base
+    from nemo_dft.modeling.adapter_checkpoint import recorded_base
 
     assert recorded_base(exported["lora"]) is not None  # the fixture's checkpoint is adapter-only
     full = train(tmp_path / "lora_full", 2, *LORA_RUN, f"model.init_from={exported['base']}", "peft.checkpoint=full")

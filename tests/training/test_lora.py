@@ -94,7 +94,7 @@ def test_adapter_checkpoints_hold_only_the_adapters_and_their_base_record(runs):
     """Every checkpoint of the LoRA run (one per step): the adapters' A and B and their Adam moments,
     no base weight; common.pt names the base and its fingerprint.  The same run with
     peft.checkpoint=full holds the base weights too, and no record."""
-    from nemo_dft.training.adapter_checkpoint import BASE_KEY, base_fingerprint
+    from nemo_dft.modeling.adapter_checkpoint import BASE_KEY, base_fingerprint
 
     root = runs["root"]
     saved = sorted(p for p in (root / "lora" / "checkpoints").iterdir() if p.is_dir())
