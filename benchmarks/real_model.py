@@ -61,7 +61,6 @@ METHODS = {name: MINIATURE_METHODS[name] for name in ("sft", "dft", "dft2")}
 SPLITS = ("finetune", "validation", "heldout")
 SPLIT_ID_OFFSET = 100000  # all splits share one generation call: row id + offset x split index
 GEN_PYTHON = REPO / ".venv-gen" / "bin" / "python"
-ANSWER_MARK = "The answer is:"
 
 
 @dataclass(frozen=True)
@@ -101,19 +100,13 @@ def _real_demo():
     return module
 
 
-def format_share(result: dict) -> float | None:
-    """Share of the greedy answers that end in the task's format (``The answer is: N``)."""
-    answers = [e.get("prediction") or "" for e in result.get("examples", [])]
-    return sum(ANSWER_MARK in a for a in answers) / len(answers) if answers else None
-
-
 class RealModelBenchmark:
     def __init__(self, out: Path, protocol: Protocol, threads: int, cache_dir: Path, backend: str) -> None:
         self.out, self.p, self.threads, self.cache_dir = out, protocol, threads, cache_dir
         self.run = Runner(out, threads, say=log)
         self.data = out / "data"
         self.nemo_dir = out / "smollm2-nemo"
-        demo = _real_demo()
+        demo = self.demo = _real_demo()  # its vLLM probe and answer-format share
         self.gen_python = str(GEN_PYTHON) if backend in ("auto", "vllm") and demo.vllm_available(GEN_PYTHON) else None
         if backend == "vllm" and self.gen_python is None:
             raise StageError(f"--backend vllm: {GEN_PYTHON} cannot import vllm (make gen-env builds it)")
@@ -179,7 +172,7 @@ class RealModelBenchmark:
         summary = dict(result.get("summary", result))
         if summary.get("accuracy") is None and summary.get("n_extracted") == 0:
             summary["accuracy"] = 0.0  # no number in any answer: none is right
-        summary["format_share"] = format_share(result)
+        summary["format_share"] = self.demo.format_share(result)
         log(f"  {name}: accuracy {summary['accuracy']:.3f}, rank_acc {summary.get('rank_acc')}, "
             f"format {summary['format_share']} (n={summary['n']})")
         return summary

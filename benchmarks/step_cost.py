@@ -246,7 +246,8 @@ def run_once(variant: str, data: Path, root: Path, steps: int, scale: float, sma
     load = [round(x, 2) for x in os.getloadavg()]
     print(f"  {variant:12} load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ...", end="", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
     started = time.perf_counter()
     if variant == "paper":
         command = [sys.executable, __file__, "--paper-child", str(data), "--steps", str(steps), "--scale", str(scale),
