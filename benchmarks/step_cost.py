@@ -6,8 +6,9 @@ Every nemo_dft variant is ``scripts/train_dft.py`` itself, one process per run, 
 initial weights (``run.seed``), data and steps; throughput comes from the run's own ``metrics.jsonl``
 over the steps after the second:
 
-- ``padded``: micro-batches of 2 prompts padded to the longest (rounded up to 8);
-- ``packed``: ``data.packing=true`` at PP = 1, the 2 prompts' sequences end to end in one row;
+- ``padded``: micro-batches of ``--micro-batch`` prompts (default 4, the paper trainer's) padded to
+  the longest (rounded up to 8);
+- ``packed``: ``data.packing=true`` at PP = 1, the micro-batch's sequences end to end in one row;
 - ``packed_rows``: ``data.packing=true data.pack_length=L``, the layout pipeline parallelism trains
   (rows of exactly L positions, one per micro-batch), here at PP = 1;
 - ``dft2_packed``: ``packed`` with ``dft.objective=dft2`` (no reference forward);
@@ -20,11 +21,13 @@ over the steps after the second:
 A run is: a Mistral-shaped model (hidden 512, 4 layers, GQA 8/4, fp32, 1 thread), 8 prompts per
 step, m = 2, the frozen reference, lengths of the issue-15 UltraFeedback-like distribution
 (nemo_dft.data.lengths) scaled by ``--scale``, as letters the tiny tokenizer reads one token each.
-Variants alternate within each of ``--rounds`` rounds (the order reversed every other round); the
-machine's load average is printed before each run.  Reported per variant: the median over rounds of
-real tokens/s (the step's input positions of real sequences), processed tokens/s (positions the
-policy computes, padding included), the real fraction and the peak RSS of the run's process; the
-ratios of medians, and the per-round (paired) ratios.  ``--out FILE`` writes them as JSON.
+``padded``, ``packed`` and ``dft2_packed`` take the same ``--micro-batch`` prompts per forward as
+the paper pattern by default; ``--micro-batch 2`` gives padding its better setting here (a smaller
+micro-batch pads less).  Variants alternate within each of ``--rounds`` rounds (the order reversed
+every other round); the machine's load average is printed before each run.  Reported per variant:
+the median over rounds of real tokens/s (the step's input positions of real sequences), processed
+tokens/s (positions the policy computes, padding included), the real fraction and the peak RSS of
+the run's process; the ratios of medians, and the per-round (paired) ratios.  ``--out FILE`` writes them as JSON.
 ``--small`` swaps in a 2-layer, hidden-64 model (the smoke test's; its ratios mean nothing).
 """
 
@@ -51,7 +54,7 @@ SHAPE = {"hidden_size": 512, "num_layers": 4, "ffn_hidden_size": 1536, "num_atte
 SMALL_SHAPE = {**SHAPE, "hidden_size": 64, "num_layers": 2, "ffn_hidden_size": 128, "num_attention_heads": 4,
                "num_query_groups": 2, "kv_channels": 16}
 PROMPTS_PER_STEP, NUM_NEGATIVES, SEED = 8, 2, 1234
-MICRO = {"padded": 2, "packed": 2, "dft2_packed": 2, "paper": 4}  # packed_rows: as many prompts as fit a row
+PAPER_MICRO = 4  # the paper trainer's prompts per micro-batch; packed_rows: as many prompts as fit a row
 WARMUP_STEPS = 2  # the first two steps are not timed
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE_TOKENS = 8  # the tiny tokenizer's chat template around a prompt
@@ -89,13 +92,14 @@ def make_data(path: Path, groups: int, scale: float, seed: int = 0) -> None:
     write_text_atomic(path, "".join(rows))
 
 
-def trainer_args(variant: str, data: Path, run_dir: Path, steps: int, scale: float, small: bool) -> list[str]:
+def trainer_args(variant: str, data: Path, run_dir: Path, steps: int, scale: float, small: bool,
+                 micro_batch: int = PAPER_MICRO) -> list[str]:
     from nemo_dft.demo.tiny_model import tiny_tokenizer_dir
 
     max_length, max_prompt_length = lengths(scale)
     args = [f"run.dir={run_dir}", f"data.path={data}", f"tokenizer.path={tiny_tokenizer_dir()}",
             "data.eval_path=null", "data.num_epochs=1", f"trainer.max_steps={steps}", "trainer.progress_bar=false",
-            f"model.micro_batch_size={MICRO.get(variant, 2)}", f"model.global_batch_size={PROMPTS_PER_STEP}",
+            f"model.micro_batch_size={micro_batch}", f"model.global_batch_size={PROMPTS_PER_STEP}",
             f"data.max_length={max_length}", f"data.max_prompt_length={max_prompt_length}", f"run.seed={SEED}",
             "dft.reference=frozen", "log.tensorboard=false", "checkpoint.every_n_steps=0",
             *(f"model.config.{k}={v}" for k, v in (SMALL_SHAPE if small else SHAPE).items())]
@@ -175,8 +179,8 @@ def run_paper(data: Path, steps: int, scale: float, small: bool) -> dict:
         started = time.perf_counter()
         step_groups = groups[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP]
         counts = [0, 0]
-        for first in range(0, PROMPTS_PER_STEP, MICRO["paper"]):
-            items = step_groups[first:first + MICRO["paper"]]
+        for first in range(0, PROMPTS_PER_STEP, PAPER_MICRO):
+            items = step_groups[first:first + PAPER_MICRO]
             index = torch.tensor([first + step * PROMPTS_PER_STEP + i for i in range(len(items))])
             pos, neg, pos_len, neg_len, ref_neg, micro_counts = micro_batch_scores(policy, reference, items)
             result = dft_loss(pos, neg, u[index], tau=1.0, gamma=0.85, ref_neg_logps=ref_neg, pos_lengths=pos_len,
@@ -241,7 +245,8 @@ def token_logps(model, tokens, labels, position_ids, mask):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def run_once(variant: str, data: Path, root: Path, steps: int, scale: float, small: bool, index: int) -> dict:
+def run_once(variant: str, data: Path, root: Path, steps: int, scale: float, small: bool, index: int,
+             micro_batch: int = PAPER_MICRO) -> dict:
     """One run of ``variant`` in its own process; the load average before it is part of the result."""
     load = [round(x, 2) for x in os.getloadavg()]
     print(f"  {variant:12} load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ...", end="", flush=True)
@@ -263,7 +268,7 @@ def run_once(variant: str, data: Path, root: Path, steps: int, scale: float, sma
 
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         command = [sys.executable, __file__, "--trainer-child", str(rss), "--",
-                   *trainer_args(variant, data, run_dir, steps, scale, small)]
+                   *trainer_args(variant, data, run_dir, steps, scale, small, micro_batch)]
         log = root / f"{variant}-{index}.log"
         with log.open("w") as handle:
             done = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
@@ -280,6 +285,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every variant (default 3)")
     parser.add_argument("--steps", type=int, default=8, help=f"steps per run; the first {WARMUP_STEPS} are not timed")
     parser.add_argument("--scale", type=float, default=0.125, help="factor on every length of the distribution")
+    parser.add_argument("--micro-batch", type=int, default=PAPER_MICRO,
+                        help=f"prompts per micro-batch of padded, packed and dft2_packed (default {PAPER_MICRO}, "
+                             "the paper pattern's)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     parser.add_argument("--work-dir", type=Path, help="run directories and logs (default: a temporary one)")
@@ -294,6 +302,8 @@ def main() -> None:
     if args.paper_child:
         print(json.dumps(run_paper(args.paper_child, args.steps, args.scale, args.small)))
         return
+    if args.micro_batch < 1 or PROMPTS_PER_STEP % args.micro_batch:
+        parser.error(f"--micro-batch must divide the {PROMPTS_PER_STEP} prompts of a step; got {args.micro_batch}")
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be > {WARMUP_STEPS} (the first {WARMUP_STEPS} steps are not timed)")
     sys.path.insert(0, str(REPO))
@@ -304,7 +314,8 @@ def main() -> None:
         make_data(data, PROMPTS_PER_STEP * args.steps, args.scale)
         shape = SMALL_SHAPE if args.small else SHAPE
         print(f"model: Mistral-shaped {shape}, fp32, 1 thread; {PROMPTS_PER_STEP} prompts per step, m = "
-              f"{NUM_NEGATIVES}, {args.steps} steps ({WARMUP_STEPS} untimed); lengths: the issue-15 distribution "
+              f"{NUM_NEGATIVES}, {args.steps} steps ({WARMUP_STEPS} untimed); micro-batches of "
+              f"{args.micro_batch} prompts (paper: {PAPER_MICRO}); lengths: the issue-15 distribution "
               f"scaled by {args.scale} (data.max_length {lengths(args.scale)[0]}); packed_rows: pack_length "
               f"{pack_length(args.scale)}")
         runs: dict[str, list[dict]] = {v: [] for v in args.variants}
@@ -312,8 +323,9 @@ def main() -> None:
             print(f"round {round_index + 1}/{args.rounds}", flush=True)
             order = list(args.variants) if round_index % 2 == 0 else list(reversed(args.variants))
             for variant in order:
-                runs[variant].append(run_once(variant, data, root, args.steps, args.scale, args.small, round_index))
-    report = summarize(runs)
+                runs[variant].append(run_once(variant, data, root, args.steps, args.scale, args.small, round_index,
+                                               args.micro_batch))
+    report = {"micro_batch": args.micro_batch, "paper_micro_batch": PAPER_MICRO, **summarize(runs)}
     print(f"{'variant':12} {'real tok/s':>11} {'processed tok/s':>16} {'real fraction':>14} {'peak RSS MB':>12}")
     for name, v in report["variants"].items():
         print(f"{name:12} {v['real_tokens_per_s']:11.1f} {v['processed_tokens_per_s']:16.1f} "

@@ -28,6 +28,33 @@ class NonFiniteStep(RuntimeError):
     """Training stopped at a step with a non-finite loss, u or gradient (exit :data:`EXIT_NONFINITE`)."""
 
 
+def _gradients(modules) -> list[torch.Tensor]:
+    """Every parameter's gradient: megatron's ``main_grad`` where it keeps one, else ``grad``."""
+    grads = []
+    for module in modules:
+        for param in module.parameters():
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if grad is not None:
+                grads.append(grad)
+    return grads
+
+
+def gradients_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient element is finite, in one fused reduction and one host sync.
+
+    A NaN or inf in any element makes the L2 norm of all gradients non-finite, so a finite norm
+    settles it.  A non-finite norm may also be an overflow of the sum of squares (elements beyond
+    about 1e19 in fp32), which the exact elementwise check then tells apart.  The elementwise check
+    alone costs a host sync per parameter on a GPU and about 2 % of a CPU step (issue 26).
+    """
+    if not grads:
+        return True
+    if torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0)):
+        return True
+    return all(bool(torch.isfinite(grad).all()) for grad in grads)
+
+
 class NonFiniteGuard:
     """Checks one optimizer step at a time; see the module docstring."""
 
@@ -64,17 +91,9 @@ class NonFiniteGuard:
         """After backward: agree on every rank whether this step is bad."""
         self._read_notes()
         local = bool(self._what)
-        if self.check_gradients and not local:
-            for module in modules:
-                for param in module.parameters():
-                    grad = getattr(param, "main_grad", None)
-                    grad = param.grad if grad is None else grad
-                    if grad is not None and not torch.isfinite(grad).all():
-                        self._what.append("gradient")
-                        local = True
-                        break
-                if local:
-                    break
+        if self.check_gradients and not local and not gradients_finite(_gradients(modules)):
+            self._what.append("gradient")
+            local = True
         self.bad = any_rank(local)
 
     def describe(self, step: int) -> str:

@@ -44,10 +44,12 @@ def test_step_cost_times_the_trainer_in_every_variant(tmp_path):
     timed = [[len(p.prompt) + len(p.response) - 1 for p in g["pairs"]]
              for g in groups[step_cost.WARMUP_STEPS * step_cost.PROMPTS_PER_STEP:]]
     assert sum(map(sum, timed)) == real["paper"]
+    micro = report["micro_batch"]
+    assert micro == report["paper_micro_batch"] == 4  # by default every variant takes the paper's micro-batch
     expected = {
-        "padded": real_fraction(timed, 2, packing=False),
-        "packed": real_fraction(timed, 2, packing=True),
-        "dft2_packed": real_fraction(timed, 2, packing=True),
+        "padded": real_fraction(timed, micro, packing=False),
+        "packed": real_fraction(timed, micro, packing=True),
+        "dft2_packed": real_fraction(timed, micro, packing=True),
         "packed_rows": real_fraction(timed, step_cost.PROMPTS_PER_STEP, packing=True,
                                      pack_length=step_cost.pack_length(scale)),
         "paper": real_fraction(timed, 4, packing=False, pad_multiple=1),
