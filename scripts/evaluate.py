@@ -9,9 +9,9 @@ Run ``python scripts/evaluate.py --help`` for the settings; the implementation i
 
 from __future__ import annotations
 
-import sys
-
 from nemo_dft.evaluation.cli import main
 
 if __name__ == "__main__":  # NeMo's checkpoint loading may start workers that re-import this module
-    sys.exit(main())
+    from nemo_dft.platform.exit import exit_after_cleanup
+
+    exit_after_cleanup(main())  # without the 3 s teardown of NeMo's modules (nemo_dft/platform/exit.py)
