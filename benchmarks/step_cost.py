@@ -34,6 +34,7 @@ the run's process; the ratios of medians, and the per-round (paired) ratios.  ``
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -126,15 +127,16 @@ def trainer_result(run_dir: Path) -> dict:
 
 
 def run_trainer_child(args: list[str], rss_out: Path) -> None:
-    """scripts/train_dft.py in this process (so that its peak RSS is this process's)."""
+    """scripts/train_dft.py in this process (so that its peak RSS is this process's).  The peak is
+    written by an exit handler: a finished train_dft.py ends the process itself, after running
+    them (nemo_dft/platform/exit.py), and one that fails raises SystemExit through here."""
+
+    def record_peak_rss() -> None:
+        rss_out.write_text(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+    atexit.register(record_peak_rss)
     sys.argv = [str(REPO / "scripts" / "train_dft.py"), *args]
-    code = 0
-    try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    rss_out.write_text(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-    sys.exit(code)
+    runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 

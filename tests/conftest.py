@@ -216,6 +216,22 @@ class SharedRuns:
             self.done[key] = run_dir
         return self.done[key]
 
+    def prefetch(self, runs: list[tuple[int, tuple[str, ...]]]) -> None:
+        """Train the single-process ``(nproc, overrides)`` runs of ``runs`` not made yet, as many at a
+        time as there are cores (each child runs one thread, and most of its life is the
+        single-threaded import and start of NeMo); ``get`` then returns them, and trains the rest."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tests.training.test_parallel_layouts import launch
+
+        todo = list(dict.fromkeys(key for key in runs if key[0] == 1 and key not in self.done))
+        named = {key: self.root / f"run{len(self.done) + i}" for i, key in enumerate(todo)}
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(lambda key: launch(named[key], key[0], *key[1]), todo))
+        for key, result in zip(todo, results, strict=True):
+            self.stdout[named[key]] = result.stdout
+            self.done[key] = named[key]
+
 
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory: pytest.TempPathFactory) -> SharedRuns:

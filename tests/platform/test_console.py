@@ -29,8 +29,10 @@ PROBE = textwrap.dedent("""
 
 def probe(script: str, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
     code = PROBE.replace("HEAVY", repr(HEAVY))
+    # the interpreter's own exit, so that the script's end comes back here (nemo_dft/platform/exit.py)
     result = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / script), *args], cwd=REPO,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+                            env={**subprocess_env(), "NEMO_DFT_FULL_EXIT": "1"}, capture_output=True, text=True,
+                            timeout=300)
     [line] = [x for x in result.stdout.splitlines() if x.startswith("MODULES ")]
     return json.loads(line.removeprefix("MODULES ")), result
 

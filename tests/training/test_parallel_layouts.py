@@ -122,13 +122,19 @@ def layout_overrides(tp: int, pp: int, dp: int, mb: int, init_ckpt: Path, *extra
             f"model.init_from={init_ckpt}", *extra)
 
 
+def layout_key(init_ckpt: Path, name: str) -> tuple[int, tuple[str, ...]]:
+    """``LAYOUTS[name]`` as the process count and overrides of its shared run."""
+    tp, pp, dp, mb = LAYOUTS[name]
+    return tp * pp * dp, layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, []))
+
+
 def layout_run(shared_runs, init_ckpt: Path, name: str) -> Path:
     """The run directory of ``LAYOUTS[name]``, trained on first use; shared with
     test_packing_equivalence.py where it runs the same layout, with test_train_e2e.py, which checks
     what the runs of DFT and DFT2 on one process write, and with tests/convert's
     test_convert_dft_checkpoint.py and test_convert_lora.py, which export three of them."""
-    tp, pp, dp, mb = LAYOUTS[name]
-    return shared_runs.get(tp * pp * dp, *layout_overrides(tp, pp, dp, mb, init_ckpt, *EXTRA.get(name, [])))
+    nproc, overrides = layout_key(init_ckpt, name)
+    return shared_runs.get(nproc, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +142,7 @@ def runs(tmp_path_factory, shared_runs, initial_checkpoint):
     root = tmp_path_factory.mktemp("layouts")
     init_ckpt = initial_checkpoint
     results = {}
+    shared_runs.prefetch([layout_key(init_ckpt, name) for name in LAYOUTS])  # the one-process runs, two at a time
     for name in LAYOUTS:
         run_dir = layout_run(shared_runs, init_ckpt, name)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
