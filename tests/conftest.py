@@ -212,9 +212,12 @@ class SharedRuns:
         key = (nproc, overrides)
         if key not in self.done:
             run_dir = self.root / f"run{len(self.done)}"
-            self.stdout[run_dir] = launch(run_dir, nproc, *overrides).stdout
-            self.done[key] = run_dir
+            self._record(key, run_dir, launch(run_dir, nproc, *overrides))
         return self.done[key]
+
+    def _record(self, key: tuple, run_dir: Path, result: subprocess.CompletedProcess) -> None:
+        self.stdout[run_dir] = result.stdout
+        self.done[key] = run_dir
 
     def prefetch(self, runs: list[tuple[int, tuple[str, ...]]]) -> None:
         """Train the single-process ``(nproc, overrides)`` runs of ``runs`` not made yet, as many at a
@@ -226,11 +229,10 @@ class SharedRuns:
 
         todo = list(dict.fromkeys(key for key in runs if key[0] == 1 and key not in self.done))
         named = {key: self.root / f"run{len(self.done) + i}" for i, key in enumerate(todo)}
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             results = list(pool.map(lambda key: launch(named[key], key[0], *key[1]), todo))
         for key, result in zip(todo, results, strict=True):
-            self.stdout[named[key]] = result.stdout
-            self.done[key] = named[key]
+            self._record(key, named[key], result)
 
 
 @pytest.fixture(scope="session")
